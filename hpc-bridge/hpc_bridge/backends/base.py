@@ -1,0 +1,91 @@
+"""The backend interface and the one place that runs batch-system commands."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from ..model import JobRequest, ObservedJob
+
+log = logging.getLogger(__name__)
+
+
+class BatchSystemError(RuntimeError):
+    """A batch-system command failed or timed out; the message carries its stderr."""
+
+
+class Backend(Protocol):
+    kind: str
+
+    async def submit(self, request: JobRequest) -> str:
+        """Submit one job; returns its id."""
+        ...
+
+    async def poll(self) -> list[ObservedJob]:
+        """Every job that carries a dask-hpc identity, in ONE batch-system query."""
+        ...
+
+    async def cancel(self, job_ids: Sequence[str]) -> None:
+        """Cancel these jobs (one command for all of them). Unknown ids are not an error."""
+        ...
+
+
+class CommandRunner:
+    """Runs batch commands without a shell, behind the site's optional prefix.
+
+    `prefix` is the administrator's submit prefix (e.g. `["ssh", "login1"]` or
+    `["sudo", "-u", "alice"]`); arguments are passed as a list end to end, and when a prefix
+    goes through ssh (which re-joins argv into a remote shell line) every argument is quoted.
+    Call counts per command are kept so benchmarks and tests can verify batching.
+    """
+
+    def __init__(self, prefix: Sequence[str] = (), timeout: float = 60.0) -> None:
+        self.prefix = list(prefix)
+        self.timeout = timeout
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.latency: collections.defaultdict[str, float] = collections.defaultdict(float)
+        self.errors: collections.Counter[str] = collections.Counter()
+
+    def _argv(self, argv: Sequence[str]) -> list[str]:
+        if self.prefix and self.prefix[0] == "ssh":
+            import shlex
+
+            return [*self.prefix, *(shlex.quote(a) for a in argv)]
+        return [*self.prefix, *argv]
+
+    async def run(self, argv: Sequence[str], stdin: str | None = None,
+                  check: bool = True) -> tuple[int, str, str]:
+        name = argv[0]
+        self.calls[name] += 1
+        started = time.monotonic()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._argv(argv),
+                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except FileNotFoundError as exc:
+            self.errors[name] += 1
+            raise BatchSystemError(f"{name}: command not found ({exc.filename}); is the batch "
+                                   "system's client installed on the operator's host?") from exc
+        try:
+            out, err = await asyncio.wait_for(
+                proc.communicate(stdin.encode() if stdin is not None else None), self.timeout)
+        except asyncio.TimeoutError as exc:
+            proc.kill()
+            await proc.wait()
+            self.errors[name] += 1
+            raise BatchSystemError(f"{name} did not answer within {self.timeout:.0f}s") from exc
+        finally:
+            self.latency[name] += time.monotonic() - started
+        rc = proc.returncode if proc.returncode is not None else -1
+        stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
+        if check and rc != 0:
+            self.errors[name] += 1
+            raise BatchSystemError(f"{name} exited {rc}: {stderr.strip() or stdout.strip()}")
+        return rc, stdout, stderr

@@ -1,0 +1,136 @@
+"""What the bridge submits and what it observes: plain values, no I/O.
+
+The bridge knows nothing of Kubernetes. A job is described by a `JobIdentity` (who owns it,
+which role it plays) and a `JobTemplate` (what it asks the batch system for); a poll returns
+`ObservedJob`s. The identity is written into every job (name and comment), which is what
+lets a restarted operator adopt jobs instead of submitting them again.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+
+class JobState(str, enum.Enum):
+    PENDING = "PENDING"  # queued, held, requeued, preempted-and-requeued: waiting, not failed
+    RUNNING = "RUNNING"
+    ENDING = "ENDING"  # completing / being cancelled: not live, not yet settled
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    GONE = "GONE"  # no longer reported by the batch system; outcome unknown
+
+    @property
+    def live(self) -> bool:
+        """A live job counts towards a group's replicas."""
+        return self in (JobState.PENDING, JobState.RUNNING)
+
+    @property
+    def terminal(self) -> bool:
+        return not self.live and self is not JobState.ENDING
+
+
+class Role(str, enum.Enum):
+    SCHEDULER = "scheduler"
+    WORKER = "worker"
+    RUNNER = "runner"
+
+
+COMMENT_PREFIX = "dask-hpc:v1:"
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_UID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+
+
+class IdentityError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, order=True)
+class JobIdentity:
+    """Who a job belongs to. Every part is a DNS label or a UUID, so it is safe verbatim in a
+    job name, a directive and a path component."""
+
+    namespace: str
+    cluster: str
+    owner_uid: str  # uid of the resource that owns the job (cluster or worker group)
+    role: Role
+    group: str
+    index: int
+
+    def __post_init__(self) -> None:
+        for label, value in (("namespace", self.namespace), ("cluster", self.cluster),
+                             ("group", self.group)):
+            if not _NAME_RE.match(value) or len(value) > 63:
+                raise IdentityError(f"{label} {value!r} is not a DNS label")
+        if not _UID_RE.match(self.owner_uid):
+            raise IdentityError(f"owner uid {self.owner_uid!r} is not a uid")
+        if self.index < 0:
+            raise IdentityError("index must be >= 0")
+
+    @property
+    def job_name(self) -> str:
+        """Deterministic; also the Dask worker name, so a worker maps back to its job."""
+        if self.role is Role.WORKER:
+            return f"dask.{self.namespace}.{self.cluster}.{self.group}.{self.index}"
+        return f"dask.{self.namespace}.{self.cluster}.{self.role.value}.{self.index}"
+
+    def comment(self) -> str:
+        return COMMENT_PREFIX + ":".join((self.namespace, self.cluster, self.owner_uid,
+                                          self.role.value, self.group, str(self.index)))
+
+    @classmethod
+    def parse(cls, comment: str) -> JobIdentity | None:
+        """The identity in a job comment, or None for jobs that are not ours."""
+        if not comment.startswith(COMMENT_PREFIX):
+            return None
+        parts = comment[len(COMMENT_PREFIX):].strip().split(":")
+        if len(parts) != 6:
+            return None
+        namespace, cluster, uid, role, group, index = parts
+        try:
+            return cls(namespace, cluster, uid, Role(role), group, int(index))
+        except (ValueError, IdentityError):
+            return None
+
+    def owns_worker_name(self, worker_name: str) -> bool:
+        """A job with processes > 1 runs workers named `<job name>-<i>`."""
+        return worker_name == self.job_name or worker_name.startswith(self.job_name + "-")
+
+
+@dataclass(frozen=True)
+class JobTemplate:
+    """What one batch job asks for. Values are already validated by the caller."""
+
+    cores: int = 1
+    memory: str = "4GiB"
+    processes: int = 1
+    walltime: str = "01:00:00"
+    queue: str | None = None
+    account: str | None = None
+    gpus: int = 0
+    env: tuple[tuple[str, str], ...] = ()
+    prologue: tuple[str, ...] = ()
+    extra_directives: tuple[str, ...] = ()
+    worker_args: tuple[str, ...] = ()
+    resources: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A rendered job, ready for a backend's submit."""
+
+    identity: JobIdentity
+    script: str
+    log_dir: str
+
+
+@dataclass(frozen=True)
+class ObservedJob:
+    job_id: str
+    identity: JobIdentity
+    state: JobState
+    reason: str = ""  # the batch system's word for why it waits or ended
+    exit_code: int | None = None
+    extra: dict[str, str] = field(default_factory=dict, compare=False)

@@ -1,0 +1,94 @@
+"""One batched query per backend per period, shared by every reconcile.
+
+A site with 50 clusters must not run 50 squeues every few seconds. Reconciles ask the poller
+for a snapshot no older than they can tolerate; concurrent askers share one in-flight query;
+a failing batch system is backed off exponentially, and while it is down reconciles get an
+error instead of a stale view (acting on a stale view could submit duplicates).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .backends.base import Backend, BatchSystemError
+from .model import JobState, ObservedJob
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Snapshot:
+    jobs: dict[str, ObservedJob] = field(default_factory=dict)
+    taken_at: float = 0.0  # monotonic
+
+    def owned_by(self, owner_uid: str) -> list[ObservedJob]:
+        return [j for j in self.jobs.values() if j.identity.owner_uid == owner_uid]
+
+
+class BatchSystemUnavailable(RuntimeError):
+    pass
+
+
+class BatchedPoller:
+    def __init__(self, backend: Backend, min_interval: float = 2.0,
+                 max_backoff: float = 60.0) -> None:
+        self.backend = backend
+        self.min_interval = min_interval
+        self.max_backoff = max_backoff
+        self.snapshot = Snapshot()
+        self.polls = 0
+        self.failures = 0
+        self.last_error = ""
+        self._next_allowed = 0.0
+        self._inflight: asyncio.Task[Snapshot] | None = None
+
+    async def get(self, max_age: float | None = None) -> Snapshot:
+        """A snapshot no older than `max_age` (default: the minimum interval)."""
+        max_age = self.min_interval if max_age is None else max(max_age, self.min_interval)
+        now = time.monotonic()
+        if self.failures == 0 and now - self.snapshot.taken_at <= max_age:
+            return self.snapshot
+        if now < self._next_allowed:
+            raise BatchSystemUnavailable(
+                f"{self.backend.kind} unreachable, retrying in {self._next_allowed - now:.0f}s: "
+                f"{self.last_error}")
+        if self._inflight is None or self._inflight.done():
+            self._inflight = asyncio.ensure_future(self._poll())
+        return await asyncio.shield(self._inflight)
+
+    async def refresh(self) -> Snapshot:
+        """A snapshot taken after this call began (after submits and cancels)."""
+        self.snapshot.taken_at = 0.0
+        return await self.get(max_age=0)
+
+    async def _poll(self) -> Snapshot:
+        self.polls += 1
+        try:
+            jobs = await self.backend.poll()
+        except BatchSystemError as exc:
+            self.failures += 1
+            self.last_error = str(exc)
+            delay = min(self.max_backoff, self.min_interval * 2 ** self.failures)
+            self._next_allowed = time.monotonic() + delay
+            log.warning("poll of %s failed (%d in a row), next try in %.0fs: %s",
+                        self.backend.kind, self.failures, delay, exc)
+            raise BatchSystemUnavailable(f"{self.backend.kind}: {exc}") from exc
+        self.failures = 0
+        self.last_error = ""
+        self.snapshot = Snapshot({j.job_id: j for j in jobs}, time.monotonic())
+        return self.snapshot
+
+    def record_submitted(self, job: ObservedJob) -> None:
+        """Make a fresh submission visible at once, so the next reconcile cannot repeat it."""
+        self.snapshot.jobs[job.job_id] = job
+
+    def record_cancelled(self, job_ids: Iterable[str]) -> None:
+        for job_id in job_ids:
+            job = self.snapshot.jobs.get(job_id)
+            if job is not None and job.state.live:
+                self.snapshot.jobs[job_id] = ObservedJob(
+                    job.job_id, job.identity, JobState.ENDING, "cancel requested")

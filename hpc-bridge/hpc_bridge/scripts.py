@@ -1,0 +1,134 @@
+"""Job scripts, rendered by dask-jobqueue's Job classes.
+
+Using dask-jobqueue (rather than our own templates) means a site's existing `jobqueue.yaml`
+keeps applying (its `job-directives-skip`, `shebang`, `interface`...), and its header logic
+for SLURM/PBS resources is the one thousands of users already rely on.
+
+dask-jobqueue joins the worker command with plain spaces and writes directives verbatim, so
+it does not quote. Everything user-supplied that reaches it has been pattern-checked by the
+caller (see dask_hpc_operator.validation), and everything this module adds itself — paths,
+env values — is quoted with `shlex.quote` here.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+from dask_jobqueue.core import Job
+from dask_jobqueue.local import LocalJob
+from dask_jobqueue.pbs import PBSJob
+from dask_jobqueue.slurm import SLURMJob
+
+from .model import JobIdentity, JobRequest, JobTemplate, Role
+
+JOB_CLASSES: dict[str, type[Job]] = {"slurm": SLURMJob, "pbs": PBSJob, "local": LocalJob}
+
+
+@dataclass(frozen=True)
+class RenderContext:
+    """Site- and cluster-level facts a script needs besides the job's own template."""
+
+    backend: str  # slurm | pbs | local
+    python: str  # interpreter on the compute nodes
+    scheduler_file: str  # in the cluster's staging directory on the shared filesystem
+    log_dir: str
+    protocol: str = "tcp"
+    site_prologue: tuple[str, ...] = ()
+    # Seconds a worker waits for the scheduler file (and for a lost scheduler) before exiting.
+    # Long, because the scheduler's own job may queue; the operator cancels workers of a
+    # scheduler that is gone, so this only bounds orphans when the operator is down too.
+    death_timeout: int = 900
+
+
+def _directives(ctx: RenderContext, identity: JobIdentity, template: JobTemplate) -> list[str]:
+    if ctx.backend == "slurm":
+        lines = [f"--comment={identity.comment()}"]
+        if template.gpus:
+            lines.append(f"--gres=gpu:{template.gpus}")
+    elif ctx.backend == "pbs":
+        # PBS has no free-form comment at submit time; the identity travels in the job's
+        # variable list, which `qstat -f` reports back.
+        lines = [f"-v DASK_HPC_IDENTITY={identity.comment()}"]
+    else:
+        lines = []
+    return lines + list(template.extra_directives)
+
+
+def _prologue(ctx: RenderContext, identity: JobIdentity, template: JobTemplate) -> list[str]:
+    lines = [f"export DASK_HPC_IDENTITY={shlex.quote(identity.comment())}"]
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in template.env]
+    lines += list(ctx.site_prologue)
+    lines += list(template.prologue)
+    return lines
+
+
+def _job(ctx: RenderContext, identity: JobIdentity, template: JobTemplate,
+         worker_args: list[str]) -> Job:
+    cls = JOB_CLASSES[ctx.backend]
+    kwargs: dict[str, Any] = {
+        "scheduler": f"--scheduler-file {shlex.quote(ctx.scheduler_file)}",
+        "name": identity.job_name,
+        "job_name": identity.job_name,
+        "cores": template.cores,
+        "memory": template.memory,
+        "processes": template.processes,
+        "walltime": template.walltime,
+        "python": ctx.python,
+        "death_timeout": ctx.death_timeout,
+        "job_script_prologue": _prologue(ctx, identity, template),
+        "job_extra_directives": _directives(ctx, identity, template),
+        "worker_extra_args": worker_args,
+    }
+    if ctx.protocol != "tcp":
+        kwargs["protocol"] = ctx.protocol
+    if ctx.backend != "local":
+        kwargs["queue"] = template.queue
+        kwargs["account"] = template.account
+        kwargs["log_directory"] = ctx.log_dir
+    if ctx.backend == "pbs" and template.gpus:
+        kwargs["resource_spec"] = (f"select=1:ncpus={template.cores}:ngpus={template.gpus}"
+                                   f":mem={template.memory.replace('iB', 'b').lower()}")
+    return cls(**kwargs)
+
+
+def worker_command_args(template: JobTemplate) -> list[str]:
+    args = list(template.worker_args)
+    if template.resources:
+        # Comma-separated so that the value is one token without quoting.
+        args += ["--resources", ",".join(f"{k}={v:g}" for k, v in template.resources)]
+    return args
+
+
+def render_worker(ctx: RenderContext, identity: JobIdentity, template: JobTemplate) -> JobRequest:
+    job = _job(ctx, identity, template, worker_command_args(template))
+    return JobRequest(identity=identity, script=job.job_script(), log_dir=ctx.log_dir)
+
+
+def scheduler_command(ctx: RenderContext) -> str:
+    parts = [ctx.python, "-m", "distributed.cli.dask_scheduler",
+             "--scheduler-file", ctx.scheduler_file,
+             # Random ports: several clusters may share a node; the scheduler file tells.
+             "--port", "0", "--dashboard-address", ":0"]
+    if ctx.protocol != "tcp":
+        parts += ["--protocol", ctx.protocol]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def render_scheduler(ctx: RenderContext, identity: JobIdentity,
+                     template: JobTemplate) -> JobRequest:
+    """The scheduler's job uses the same header logic; only the command differs.
+
+    dask-jobqueue has no scheduler job class, so the command it would run is replaced by
+    the scheduler's (the attribute is private but stable since dask-jobqueue 0.7).
+    """
+    job = _job(ctx, identity, template, [])
+    job._command_template = scheduler_command(ctx)
+    return JobRequest(identity=identity, script=job.job_script(), log_dir=ctx.log_dir)
+
+
+def render(ctx: RenderContext, identity: JobIdentity, template: JobTemplate) -> JobRequest:
+    if identity.role is Role.SCHEDULER:
+        return render_scheduler(ctx, identity, template)
+    return render_worker(ctx, identity, template)

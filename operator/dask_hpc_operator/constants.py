@@ -1,0 +1,38 @@
+"""API identity of the operator: the one place that names the group, versions and kinds.
+
+Everything else (handlers, CRD generation, the CLI, the chart test) imports these, so a
+rename happens in one line.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+GROUP: Final = "hpc.dask.org"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+
+KIND_CLUSTER: Final = "DaskCluster"
+KIND_WORKER_GROUP: Final = "DaskWorkerGroup"
+KIND_JOB: Final = "DaskJob"
+KIND_AUTOSCALER: Final = "DaskAutoscaler"
+
+# kind -> (plural, singular, short names)
+NAMES: Final[dict[str, tuple[str, str, tuple[str, ...]]]] = {
+    KIND_CLUSTER: ("daskclusters", "daskcluster", ("dhc", "dcl")),
+    KIND_WORKER_GROUP: ("daskworkergroups", "daskworkergroup", ("dwg",)),
+    KIND_JOB: ("daskjobs", "daskjob", ("dj",)),
+    KIND_AUTOSCALER: ("daskautoscalers", "daskautoscaler", ("das",)),
+}
+CATEGORY: Final = "dask-hpc"
+
+FINALIZER: Final = f"{GROUP}/cleanup"
+LABEL_CLUSTER: Final = f"{GROUP}/cluster"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+MANAGER_NAME: Final = "dask-hpc-operator"
+
+DEFAULT_GROUP_NAME: Final = "default"
+
+
+def plural(kind: str) -> str:
+    return NAMES[kind][0]

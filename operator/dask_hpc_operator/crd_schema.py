@@ -1,0 +1,420 @@
+"""The OpenAPI schemas of the four custom resources, built once in Python.
+
+Why Python and not hand-written YAML: the worker template appears in DaskCluster,
+DaskWorkerGroup and DaskJob, and the string patterns that keep job scripts safe must be the
+same everywhere. `crds/*.yaml` (what the Helm chart ships) is rendered from here by
+`dask-hpc crds --write crds/`, a unit test fails when the two differ, and the operator
+validates manifests against these same schemas at run time (`validation.py`), so the API
+server's check and the operator's own check can never drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .constants import (
+    CATEGORY,
+    GROUP,
+    KIND_AUTOSCALER,
+    KIND_CLUSTER,
+    KIND_JOB,
+    KIND_WORKER_GROUP,
+    NAMES,
+    VERSION,
+)
+
+Schema = dict[str, Any]
+
+# --- patterns: every string that can reach a job script or a command line -----------------
+# Kubernetes evaluates `pattern` with RE2 and the operator with Python's `re`; these use only
+# the common subset (classes, anchors, bounded repeats).
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+SAFE_TOKEN = r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$"  # queue, account, profile
+MEMORY = r"^[0-9]+(\.[0-9]+)?[KMGTPkmgtp][iI]?[Bb]?$"  # 16GiB, 16GB, 16G, 512MiB
+WALLTIME = r"^([0-9]{1,3}-)?[0-9]{1,4}:[0-5][0-9]:[0-5][0-9]$"  # HH:MM:SS or D-HH:MM:SS
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+NO_CONTROL_CHARS = r"^[^\x00-\x1f\x7f]*$"  # no newline, NUL or escape: one line, quoted later
+# A prologue line is a simple command (`module load cuda/12.2`, `source /opt/env.sh`): no
+# separators, redirections, substitutions or quotes, so it cannot add directives or chain
+# commands. Anything richer belongs in a site profile, which the administrator owns.
+PROLOGUE_LINE = r"^[A-Za-z0-9_./:=@%+,~ -]*$"
+DIRECTIVE = r"^--?[A-Za-z][A-Za-z0-9-]*([= ][A-Za-z0-9_.:,/@%+=-]+)?$"  # --constraint=haswell
+ARG_TOKEN = r"^[A-Za-z0-9_.:,/@%+=-]+$"  # one argv element of the worker command
+RESOURCE_NAME = r"^[A-Za-z][A-Za-z0-9_]*$"
+PATH = r"^/[A-Za-z0-9_./@%+=-]*$"  # absolute, no spaces or metacharacters
+
+MAX_REPLICAS = 10_000
+MAX_CORES = 4096
+MAX_PROCESSES = 256
+MAX_GPUS = 64
+MAX_IDLE_TIMEOUT = 30 * 24 * 3600
+
+
+def _string(pattern: str, max_length: int, description: str, **extra: Any) -> Schema:
+    return {
+        "type": "string",
+        "pattern": pattern,
+        "maxLength": max_length,
+        "description": description,
+        **extra,
+    }
+
+
+def _int(minimum: int, maximum: int, description: str, **extra: Any) -> Schema:
+    return {
+        "type": "integer",
+        "minimum": minimum,
+        "maximum": maximum,
+        "description": description,
+        **extra,
+    }
+
+
+def _env() -> Schema:
+    return {
+        "type": "array",
+        "description": "Environment variables exported in the job script (values are quoted).",
+        "maxItems": 128,
+        "items": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": _string(ENV_NAME, 128, "Variable name."),
+                "value": _string(NO_CONTROL_CHARS, 4096, "Value, exported single-quoted.",
+                                 default=""),
+            },
+        },
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["name"],
+    }
+
+
+def _memory(description: str, **extra: Any) -> Schema:
+    return _string(MEMORY, 32, description + " (e.g. 16GiB, 512MiB).", **extra)
+
+
+def _walltime(description: str, **extra: Any) -> Schema:
+    return _string(WALLTIME, 16, description + " (HH:MM:SS or D-HH:MM:SS).", **extra)
+
+
+def _batch_placement() -> Schema:
+    """Fields every batch job has: where it queues and who pays."""
+    return {
+        "queue": _string(SAFE_TOKEN, 64, "Partition (SLURM) or queue (PBS)."),
+        "account": _string(SAFE_TOKEN, 64, "Account (SLURM -A) or project (PBS -P)."),
+    }
+
+
+def worker_template_schema() -> Schema:
+    cuda = {
+        "type": "object",
+        "description": "Run `dask cuda worker` (one worker per GPU) instead of `dask worker`.",
+        "properties": {
+            "enabled": {"type": "boolean", "default": False},
+            "rmmPoolSize": _memory("RMM pool per GPU"),
+            "deviceMemoryLimit": _memory("Spill from device memory above this"),
+            "protocol": {"type": "string", "enum": ["ucx", "tcp"], "default": "ucx"},
+        },
+    }
+    return {
+        "type": "object",
+        "description": "A worker group: how many batch jobs, and what each job asks for.",
+        "default": {},
+        "properties": {
+            "replicas": _int(0, MAX_REPLICAS, "Number of worker jobs.", default=1),
+            "cores": _int(1, MAX_CORES, "Cores per job (threads are cores/processes).",
+                          default=1),
+            "memory": _memory("Memory per job", default="4GiB"),
+            "processes": _int(1, MAX_PROCESSES, "Dask worker processes per job.", default=1),
+            "walltime": _walltime("Walltime per job", default="01:00:00"),
+            **_batch_placement(),
+            "gpus": _int(0, MAX_GPUS, "GPUs per job.", default=0),
+            "env": _env(),
+            "prologue": {
+                "type": "array",
+                "description": "Simple commands run before the worker starts (module load ...).",
+                "maxItems": 64,
+                "items": _string(PROLOGUE_LINE, 512, "One command line."),
+            },
+            "extraDirectives": {
+                "type": "array",
+                "description": "Extra scheduler directives, e.g. --constraint=haswell.",
+                "maxItems": 64,
+                "items": _string(DIRECTIVE, 256, "One directive without the #SBATCH prefix."),
+            },
+            "workerArgs": {
+                "type": "array",
+                "description": "Extra arguments to the dask worker command, one token each.",
+                "maxItems": 64,
+                "items": _string(ARG_TOKEN, 256, "One argument."),
+            },
+            "resources": {
+                "type": "object",
+                "description": "Dask abstract resources of each worker, e.g. {GPU: 1}.",
+                "additionalProperties": {"type": "number", "minimum": 0, "maximum": 1e9},
+                "maxProperties": 32,
+                "x-kubernetes-validations": [{
+                    "rule": f"self.all(k, k.matches('{RESOURCE_NAME}'))",
+                    "message": "resource names are letters, digits and underscores",
+                }],
+            },
+            "cuda": cuda,
+        },
+    }
+
+
+def scheduler_schema() -> Schema:
+    return {
+        "type": "object",
+        "description": "The Dask scheduler's own batch job.",
+        "default": {},
+        "properties": {
+            "cores": _int(1, MAX_CORES, "Cores of the scheduler job.", default=1),
+            "memory": _memory("Memory of the scheduler job", default="2GiB"),
+            "walltime": _walltime("Walltime of the scheduler job", default="01:00:00"),
+            **_batch_placement(),
+            "protocol": {"type": "string", "enum": ["tcp", "tls", "ucx"], "default": "tcp"},
+            "env": _env(),
+        },
+    }
+
+
+def cluster_spec_schema() -> Schema:
+    return {
+        "type": "object",
+        "properties": {
+            "backend": {
+                "type": "string",
+                "enum": ["slurm", "pbs", "local"],
+                "description": "Batch system; empty means the operator's configured default.",
+            },
+            "profile": _string(SAFE_TOKEN, 64, "Site profile of defaults and limits."),
+            "idleTimeout": _int(0, MAX_IDLE_TIMEOUT, "Seconds without tasks before the "
+                                "cluster deletes itself; 0 = never.", default=0),
+            "scheduler": scheduler_schema(),
+            "worker": worker_template_schema(),
+        },
+    }
+
+
+def _condition_list() -> Schema:
+    return {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {
+                "type": {"type": "string"},
+                "status": {"type": "string"},
+                "reason": {"type": "string"},
+                "message": {"type": "string"},
+                "lastTransitionTime": {"type": "string"},
+            },
+        },
+    }
+
+
+def _workers_status() -> Schema:
+    return {
+        "type": "object",
+        "properties": {k: {"type": "integer"} for k in ("desired", "pending", "running", "ready")},
+    }
+
+
+def _status(properties: Schema) -> Schema:
+    # Unknown fields are kept so that a newer operator's status survives a rollback.
+    return {
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": True,
+        "properties": {
+            "phase": {"type": "string"},
+            "observedGeneration": {"type": "integer"},
+            "message": {"type": "string"},
+            "conditions": _condition_list(),
+            **properties,
+        },
+    }
+
+
+def _group_status() -> Schema:
+    return _status({
+        "replicas": {"type": "integer"},
+        "workers": _workers_status(),
+        "resources": {"type": "array", "items": {"type": "string"}},
+    })
+
+
+def _column(name: str, path: str, type_: str = "string", priority: int = 0,
+            description: str = "") -> Schema:
+    col: Schema = {"name": name, "type": type_, "jsonPath": path}
+    if priority:
+        col["priority"] = priority
+    if description:
+        col["description"] = description
+    return col
+
+
+AGE = _column("Age", ".metadata.creationTimestamp", "date")
+
+SCALE = {
+    "specReplicasPath": ".spec.worker.replicas",
+    "statusReplicasPath": ".status.replicas",
+}
+
+
+def _specs() -> dict[str, tuple[Schema, Schema, list[Schema], Schema | None]]:
+    """kind -> (spec schema, status schema, printer columns, scale subresource)."""
+    cluster_spec = cluster_spec_schema()
+    cluster_status = _group_status()
+    cluster_status["properties"].update({
+        "schedulerAddress": {"type": "string"},
+        "dashboardURL": {"type": "string"},
+        "schedulerJobId": {"type": "string"},
+        "backend": {"type": "string"},
+        "stagingDirectory": {"type": "string"},
+    })
+    group_spec = {
+        "type": "object",
+        "required": ["cluster"],
+        "properties": {
+            "cluster": _string(DNS_LABEL, 63, "Name of the DaskCluster in the same namespace."),
+            "worker": worker_template_schema(),
+        },
+    }
+    job_spec = {
+        "type": "object",
+        "required": ["job"],
+        "properties": {
+            "mode": {"type": "string", "enum": ["cluster", "allocation"], "default": "cluster"},
+            "job": {
+                "type": "object",
+                "description": "The runner: `command` (argv) or `script` (Python source).",
+                "properties": {
+                    "command": {
+                        "type": "array",
+                        "maxItems": 256,
+                        "items": _string(NO_CONTROL_CHARS, 4096, "One argv element, quoted."),
+                    },
+                    "script": {"type": "string", "maxLength": 1_000_000,
+                               "description": "Python source, written to a file and run."},
+                    "cores": _int(1, MAX_CORES, "Cores of the runner.", default=1),
+                    "memory": _memory("Memory of the runner", default="2GiB"),
+                    "walltime": _walltime("Walltime of the runner", default="01:00:00"),
+                    **_batch_placement(),
+                    "env": _env(),
+                    "workingDir": _string(PATH, 4096, "Absolute working directory."),
+                },
+            },
+            "cluster": cluster_spec,
+        },
+    }
+    job_status = _status({
+        "clusterName": {"type": "string"},
+        "jobId": {"type": "string"},
+        "startTime": {"type": "string"},
+        "endTime": {"type": "string"},
+        "exitCode": {"type": "integer"},
+    })
+    autoscaler_spec = {
+        "type": "object",
+        "required": ["cluster", "maximum"],
+        "properties": {
+            "cluster": _string(DNS_LABEL, 63, "Name of the DaskCluster."),
+            "workerGroup": _string(DNS_LABEL, 63, "Worker group to scale.", default="default"),
+            "minimum": _int(0, MAX_REPLICAS, "Fewest worker jobs.", default=0),
+            "maximum": _int(0, MAX_REPLICAS, "Most worker jobs."),
+            "scaleDownDelay": _int(0, 86_400, "Seconds of surplus before scaling down.",
+                                   default=60),
+        },
+        "x-kubernetes-validations": [{
+            "rule": "self.minimum <= self.maximum",
+            "message": "minimum must not exceed maximum",
+        }],
+    }
+    autoscaler_status = _status({
+        "desiredWorkers": {"type": "integer"},
+        "lastScaleTime": {"type": "string"},
+    })
+    return {
+        KIND_CLUSTER: (cluster_spec, cluster_status, [
+            _column("Phase", ".status.phase"),
+            _column("Ready", ".status.workers.ready", "integer", description="Workers connected"),
+            _column("Desired", ".spec.worker.replicas", "integer"),
+            _column("Scheduler", ".status.schedulerAddress"),
+            _column("Backend", ".status.backend", priority=1),
+            _column("Dashboard", ".status.dashboardURL", priority=1),
+            AGE,
+        ], SCALE),
+        KIND_WORKER_GROUP: (group_spec, _group_status(), [
+            _column("Cluster", ".spec.cluster"),
+            _column("Phase", ".status.phase"),
+            _column("Ready", ".status.workers.ready", "integer"),
+            _column("Desired", ".spec.worker.replicas", "integer"),
+            AGE,
+        ], SCALE),
+        KIND_JOB: (job_spec, job_status, [
+            _column("Mode", ".spec.mode"),
+            _column("Phase", ".status.phase"),
+            _column("Job", ".status.jobId"),
+            _column("Exit", ".status.exitCode", "integer"),
+            AGE,
+        ], None),
+        KIND_AUTOSCALER: (autoscaler_spec, autoscaler_status, [
+            _column("Cluster", ".spec.cluster"),
+            _column("Group", ".spec.workerGroup"),
+            _column("Min", ".spec.minimum", "integer"),
+            _column("Max", ".spec.maximum", "integer"),
+            _column("Desired", ".status.desiredWorkers", "integer"),
+            AGE,
+        ], None),
+    }
+
+
+def object_schema(kind: str) -> Schema:
+    """The openAPIV3Schema of one kind (what the API server validates against)."""
+    spec, status, _, _ = _specs()[kind]
+    return {
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+    }
+
+
+def crd(kind: str) -> Schema:
+    plural, singular, short_names = NAMES[kind]
+    _, _, columns, scale = _specs()[kind]
+    subresources: Schema = {"status": {}}
+    if scale is not None:
+        subresources["scale"] = dict(scale)
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": kind,
+                "plural": plural,
+                "singular": singular,
+                "shortNames": list(short_names),
+                "categories": [CATEGORY],
+            },
+            "versions": [{
+                "name": VERSION,
+                "served": True,
+                "storage": True,
+                "schema": {"openAPIV3Schema": object_schema(kind)},
+                "subresources": subresources,
+                "additionalPrinterColumns": columns,
+            }],
+        },
+    }
+
+
+ALL_KINDS = (KIND_CLUSTER, KIND_WORKER_GROUP, KIND_JOB, KIND_AUTOSCALER)

@@ -1,0 +1,65 @@
+"""kopf handlers: thin adapters from kopf's callbacks to the reconcilers.
+
+Every handler for a DaskCluster — create, update, resume and the periodic timer — calls the
+same idempotent reconcile; there is no phase state machine built from field handlers, so a
+dropped or retried event can never leave a cluster stuck. Handlers are registered into an
+explicit registry (not kopf's global one) so tests and the CLI each build their own.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from .constants import FINALIZER, GROUP, KIND_CLUSTER, VERSION, plural
+from .reconcile import ClusterReconciler, Runtime
+
+log = logging.getLogger(__name__)
+
+
+def _event_sink(body: kopf.Body) -> Any:
+    def post(type_: str, reason: str, message: str) -> None:
+        try:
+            kopf.event(body, type=type_, reason=reason, message=message[:1000])
+        except Exception:  # events are best effort; never fail a reconcile over one
+            log.debug("could not post event %s", reason, exc_info=True)
+    return post
+
+
+def build_registry(runtime: Runtime, timer_interval: float | None = None) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    reconciler = ClusterReconciler(runtime)
+    interval = timer_interval or runtime.site.poll_interval
+    resource = (GROUP, VERSION, plural(KIND_CLUSTER))
+
+    async def reconcile_cluster(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        if body.metadata.get("deletionTimestamp"):
+            return  # deletion is the delete handler's; never resubmit while it runs
+        manifest = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+                    "metadata": dict(body.metadata), "spec": dict(body.spec)}
+        status = await reconciler.reconcile(manifest, dict(body.status), _event_sink(body))
+        patch.status.update(status)
+
+    async def delete_cluster(body: kopf.Body, **_: Any) -> None:
+        manifest = {"metadata": dict(body.metadata), "spec": dict(body.spec)}
+        remaining = await reconciler.teardown(manifest)
+        if remaining:
+            raise kopf.TemporaryError(f"waiting for jobs {', '.join(remaining)} to end",
+                                      delay=2)
+
+    async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.finalizer = FINALIZER
+        settings.posting.level = logging.INFO
+        settings.watching.server_timeout = 60
+        settings.watching.client_timeout = 90
+
+    kopf.on.startup(registry=registry)(configure)
+    for cause, decorator in (("create", kopf.on.create), ("update", kopf.on.update),
+                             ("resume", kopf.on.resume)):
+        decorator(*resource, registry=registry, id=f"reconcile-{cause}")(reconcile_cluster)
+    kopf.timer(*resource, registry=registry, id="poll", interval=interval,
+               idle=None)(reconcile_cluster)
+    kopf.on.delete(*resource, registry=registry, id="teardown")(delete_cluster)
+    return registry

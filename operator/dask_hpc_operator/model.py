@@ -1,0 +1,83 @@
+"""Typed views of validated manifests, in the bridge's own terms (JobTemplate)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hpc_bridge.model import JobTemplate
+
+from .constants import DEFAULT_GROUP_NAME
+from .site_config import SiteConfig
+
+
+def _env(items: list[dict[str, str]] | None) -> tuple[tuple[str, str], ...]:
+    return tuple((e["name"], e.get("value", "")) for e in items or [])
+
+
+def worker_template(worker: dict[str, Any]) -> JobTemplate:
+    return JobTemplate(
+        cores=worker["cores"],
+        memory=worker["memory"],
+        processes=worker["processes"],
+        walltime=worker["walltime"],
+        queue=worker.get("queue"),
+        account=worker.get("account"),
+        gpus=worker.get("gpus", 0),
+        env=_env(worker.get("env")),
+        prologue=tuple(worker.get("prologue", [])),
+        extra_directives=tuple(worker.get("extraDirectives", [])),
+        worker_args=tuple(worker.get("workerArgs", [])),
+        resources=tuple(sorted((k, float(v)) for k, v in worker.get("resources", {}).items())),
+    )
+
+
+def scheduler_template(scheduler: dict[str, Any]) -> JobTemplate:
+    return JobTemplate(
+        cores=scheduler["cores"],
+        memory=scheduler["memory"],
+        walltime=scheduler["walltime"],
+        queue=scheduler.get("queue"),
+        account=scheduler.get("account"),
+        env=_env(scheduler.get("env")),
+    )
+
+
+@dataclass(frozen=True)
+class GroupModel:
+    name: str
+    owner_uid: str  # the cluster's uid for the default group, the DaskWorkerGroup's otherwise
+    replicas: int
+    template: JobTemplate
+
+
+@dataclass(frozen=True)
+class ClusterModel:
+    namespace: str
+    name: str
+    uid: str
+    backend: str
+    protocol: str
+    scheduler: JobTemplate
+    groups: tuple[GroupModel, ...]
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], site: SiteConfig) -> ClusterModel:
+        """`manifest` has passed validation.validate (defaults applied)."""
+        meta = manifest["metadata"]
+        spec = manifest["spec"]
+        uid = meta["uid"]
+        return cls(
+            namespace=meta.get("namespace") or "default",
+            name=meta["name"],
+            uid=uid,
+            backend=spec.get("backend") or site.backend,
+            protocol=spec["scheduler"]["protocol"],
+            scheduler=scheduler_template(spec["scheduler"]),
+            groups=(GroupModel(DEFAULT_GROUP_NAME, uid, spec["worker"]["replicas"],
+                               worker_template(spec["worker"])),),
+        )
+
+    @property
+    def desired_workers(self) -> int:
+        return sum(g.replicas for g in self.groups)

@@ -1,0 +1,231 @@
+"""The one reconcile per kind: observe, plan (pure), act, report.
+
+Called from kopf's create/update/resume handlers and its timer, and from `dask-hpc up`'s
+loop; it never keeps state between calls except the shared poller snapshot, so an operator
+restart simply observes the jobs that exist (adopting them) and carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hpc_bridge.backends.base import Backend, BatchSystemError, CommandRunner
+from hpc_bridge.backends.local import LocalBackend
+from hpc_bridge.backends.slurm import SlurmBackend
+from hpc_bridge.model import JobIdentity, JobRequest, JobState, ObservedJob, Role
+from hpc_bridge.poller import BatchedPoller, BatchSystemUnavailable
+from hpc_bridge.scripts import RenderContext, render
+
+from . import dask_rpc
+from .model import ClusterModel
+from .planning import DaskView, Plan, cluster_status, plan_cluster, rejected_status
+from .site_config import SiteConfig
+from .validation import ManifestError, validate
+
+log = logging.getLogger(__name__)
+SUBMIT_CONCURRENCY = 8
+
+EventSink = Callable[[str, str, str], None]  # (type: Normal|Warning, reason, message)
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace(
+        "+00:00", "Z")
+
+
+def _no_events(_type: str, _reason: str, _message: str) -> None:
+    pass
+
+
+@dataclass
+class Runtime:
+    """Process-wide state shared by all reconciles: backends and their pollers."""
+
+    site: SiteConfig
+    backends: dict[str, Backend] = field(default_factory=dict)
+    pollers: dict[str, BatchedPoller] = field(default_factory=dict)
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def backend(self, kind: str) -> Backend:
+        if kind not in self.backends:
+            if kind == "slurm":
+                runner = CommandRunner(self.site.submit_prefix, self.site.command_timeout)
+                self.backends[kind] = SlurmBackend(runner, all_users=self.site.squeue_all_users)
+            elif kind == "local":
+                self.backends[kind] = LocalBackend(Path(self.site.staging_dir) / "local-jobs")
+            else:
+                raise ManifestError("spec.backend", f"backend {kind!r} is not available in "
+                                    "this operator yet", "use slurm or local")
+        return self.backends[kind]
+
+    def poller(self, kind: str) -> BatchedPoller:
+        if kind not in self.pollers:
+            self.pollers[kind] = BatchedPoller(self.backend(kind), self.site.min_poll_interval)
+        return self.pollers[kind]
+
+    def lock(self, uid: str) -> asyncio.Lock:
+        return self.locks.setdefault(uid, asyncio.Lock())
+
+    def staging_dir(self, namespace: str, name: str, uid: str) -> Path:
+        # The uid keeps a re-created cluster of the same name away from its predecessor's
+        # scheduler file and logs.
+        return Path(self.site.staging_dir) / "clusters" / namespace / f"{name}-{uid[:8]}"
+
+
+class ClusterReconciler:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def _context(self, model: ClusterModel) -> RenderContext:
+        staging = self.runtime.staging_dir(model.namespace, model.name, model.uid)
+        return RenderContext(
+            backend=model.backend,
+            python=self.runtime.site.python,
+            scheduler_file=str(staging / "scheduler.json"),
+            log_dir=str(staging / "logs"),
+            protocol=model.protocol,
+            site_prologue=self.runtime.site.prologue,
+            death_timeout=self.runtime.site.worker_death_timeout,
+        )
+
+    def render_all(self, manifest: dict[str, Any]) -> list[JobRequest]:
+        """The scripts a fresh cluster would submit (for `dask-hpc render`)."""
+        model = ClusterModel.from_manifest(validate(manifest), self.runtime.site)
+        plan = plan_cluster(model, [], None)
+        ctx = self._context(model)
+        return [render(ctx, i, self._template(model, i)) for i in plan.submit]
+
+    @staticmethod
+    def _template(model: ClusterModel, identity: JobIdentity) -> Any:
+        if identity.role is Role.SCHEDULER:
+            return model.scheduler
+        return next(g.template for g in model.groups if g.name == identity.group)
+
+    async def reconcile(self, manifest: dict[str, Any], old_status: dict[str, Any],
+                        events: EventSink = _no_events) -> dict[str, Any]:
+        old_conditions = old_status.get("conditions") or []
+        try:
+            valid = validate(manifest)
+            model = ClusterModel.from_manifest(valid, self.runtime.site)
+            poller = self.runtime.poller(model.backend)
+        except ManifestError as exc:
+            # Refuse, and touch nothing: jobs of an earlier valid spec keep running.
+            if old_status.get("message") != str(exc):
+                events("Warning", "InvalidSpec", str(exc))
+            return rejected_status(str(exc), old_conditions, now_iso())
+        async with self.runtime.lock(model.uid):
+            try:
+                snapshot = await poller.get()
+            except BatchSystemUnavailable as exc:
+                return {"message": f"batch system unavailable, retrying: {exc}",
+                        "conditions": old_conditions}
+            jobs = snapshot.owned_by(model.uid)
+            ctx = self._context(model)
+            live_sched = any(j.identity.role is Role.SCHEDULER and j.state is JobState.RUNNING
+                             for j in jobs)
+            dask = await dask_rpc.observe(ctx.scheduler_file) if live_sched else None
+            plan = plan_cluster(model, jobs, dask, old_status.get("schedulerJobId"))
+            notes = await self._act(model, ctx, plan, dask, poller, events)
+            plan.notes += notes
+            if not plan.empty:
+                jobs = poller.snapshot.owned_by(model.uid)
+            status = cluster_status(model, jobs, dask, plan, old_conditions, now_iso())
+        status["stagingDirectory"] = str(Path(ctx.scheduler_file).parent)
+        status["observedGeneration"] = manifest.get("metadata", {}).get("generation")
+        if not status.get("schedulerJobId"):
+            status["schedulerJobId"] = old_status.get("schedulerJobId")
+        if status["phase"] != old_status.get("phase"):
+            events("Warning" if status["phase"] == "Failed" else "Normal",
+                   status["phase"], status["message"])
+        return status
+
+    async def _act(self, model: ClusterModel, ctx: RenderContext, plan: Plan,
+                   dask: DaskView | None, poller: BatchedPoller,
+                   events: EventSink) -> list[str]:
+        notes: list[str] = []
+        backend = poller.backend
+        to_cancel = list(plan.cancel)
+        if plan.retire and dask is not None:
+            names = [n for r in plan.retire for n in r.worker_names]
+            try:
+                retired = await dask_rpc.retire(dask.address, names)
+            except (OSError, asyncio.TimeoutError) as exc:
+                retired = set()
+                notes.append(f"retiring workers failed ({exc}); they are kept")
+            for r in plan.retire:
+                if set(r.worker_names) <= retired:
+                    to_cancel.append(r.job_id)
+                else:
+                    notes.append(f"job {r.job_id} kept: its workers hold data that could not "
+                                 "move elsewhere")
+        if to_cancel:
+            try:
+                await backend.cancel(to_cancel)
+                poller.record_cancelled(to_cancel)
+                events("Normal", "Cancelled", f"cancelled jobs {', '.join(to_cancel)}")
+            except BatchSystemError as exc:
+                notes.append(f"cancel failed: {exc}")
+        if plan.submit:
+            notes += await self._submit(model, ctx, plan.submit, poller, events)
+        return notes
+
+    async def _submit(self, model: ClusterModel, ctx: RenderContext,
+                      identities: list[JobIdentity], poller: BatchedPoller,
+                      events: EventSink) -> list[str]:
+        gate = asyncio.Semaphore(SUBMIT_CONCURRENCY)
+        errors: list[str] = []
+        submitted: list[str] = []
+
+        async def one(identity: JobIdentity) -> None:
+            if identity.role is Role.SCHEDULER:
+                dask_rpc.remove_stale_scheduler_file(ctx.scheduler_file)
+            request = render(ctx, identity, self._template(model, identity))
+            async with gate:
+                try:
+                    job_id = await poller.backend.submit(request)
+                except BatchSystemError as exc:
+                    errors.append(str(exc))
+                    return
+            poller.record_submitted(ObservedJob(job_id, identity, JobState.PENDING, "submitted"))
+            submitted.append(job_id)
+
+        Path(ctx.log_dir).mkdir(parents=True, exist_ok=True)
+        # Scheduler first: its file appears sooner, and workers wait for it anyway.
+        for identity in [i for i in identities if i.role is Role.SCHEDULER]:
+            await one(identity)
+        await asyncio.gather(*(one(i) for i in identities if i.role is not Role.SCHEDULER))
+        if submitted:
+            events("Normal", "Submitted", f"submitted jobs {', '.join(sorted(submitted))}")
+        if errors:
+            events("Warning", "SubmitFailed", errors[0])
+            return [f"submission failed: {errors[0]}"]
+        return []
+
+    async def teardown(self, manifest: dict[str, Any]) -> list[str]:
+        """Cancel every job of the cluster; returns the ids still live (empty when done)."""
+        meta = manifest["metadata"]
+        uid = meta["uid"]
+        spec = manifest.get("spec") or {}
+        kind = spec.get("backend") or self.runtime.site.backend
+        poller = self.runtime.poller(kind)
+        async with self.runtime.lock(uid):
+            snapshot = await poller.refresh()
+            live = [j.job_id for j in snapshot.owned_by(uid) if j.state.live]
+            if live:
+                await poller.backend.cancel(live)
+                poller.record_cancelled(live)
+            snapshot = await poller.refresh()
+            # ENDING counts: a job is gone only once its processes are.
+            remaining = [j.job_id for j in snapshot.owned_by(uid) if not j.state.terminal]
+            if not remaining:
+                staging = self.runtime.staging_dir(meta.get("namespace") or "default",
+                                                   meta["name"], uid)
+                shutil.rmtree(staging, ignore_errors=True)
+            return remaining

@@ -1,0 +1,100 @@
+"""The administrator's site configuration: one YAML file (a ConfigMap in the chart).
+
+Everything here may reach a job script or a command line (python path, prologue, staging
+directory, submit prefix), so it is checked as strictly as users' manifests: an
+administrator's typo should fail at start-up with the key named, not in a job script.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import crd_schema
+
+BACKENDS = ("slurm", "pbs", "local")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def default_staging_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"),
+                                                           ".local", "share")
+    return os.path.join(base, "dask-hpc")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    backend: str = "local"
+    # On a filesystem shared by the operator's host and the compute nodes: scheduler files,
+    # logs and (for the local backend) job state live here.
+    staging_dir: str = field(default_factory=default_staging_dir)
+    python: str = sys.executable  # interpreter on the compute nodes
+    prologue: tuple[str, ...] = ()  # site-wide lines before every job (module load ...)
+    submit_prefix: tuple[str, ...] = ()  # e.g. ("ssh", "login1") or ("sudo", "-u", "alice")
+    poll_interval: float = 5.0  # seconds between reconciles of one resource
+    min_poll_interval: float = 2.0  # floor between two batch-system queries
+    command_timeout: float = 60.0
+    worker_death_timeout: int = 900
+    scheduler_timeout: float = 600.0  # how long a running scheduler job may take to write its file
+    squeue_all_users: bool = False
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any]) -> SiteConfig:
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in (data or {}).items():
+            attr = re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()  # stagingDir -> staging_dir
+            if attr not in known:
+                raise ConfigError(f"site config: unknown key {key!r}; known keys: "
+                                  + ", ".join(sorted(_camel(k) for k in known)))
+            if attr in ("prologue", "submit_prefix"):
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ConfigError(f"site config: {key} must be a list of strings")
+                value = tuple(value)
+            kwargs[attr] = value
+        config = cls(**kwargs)
+        config.check()
+        return config
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None) -> SiteConfig:
+        if path is None:
+            env = os.environ.get("DASK_HPC_CONFIG")
+            if not env:
+                return cls.from_mapping({})
+            path = env
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"site config {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"site config {path}: expected a mapping at the top level")
+        return cls.from_mapping(data)
+
+    def check(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"site config: backend {self.backend!r} is not one of {BACKENDS}")
+        for key in ("staging_dir", "python"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not re.match(crd_schema.PATH, value):
+                raise ConfigError(f"site config: {_camel(key)} {value!r} must be an absolute "
+                                  "path without spaces or shell metacharacters")
+        for line in self.prologue:
+            if not re.match(crd_schema.PROLOGUE_LINE, line):
+                raise ConfigError(f"site config: prologue line {line!r} is not a simple command")
+        if self.min_poll_interval <= 0 or self.poll_interval < self.min_poll_interval:
+            raise ConfigError("site config: pollInterval must be >= minPollInterval > 0")
+
+
+def _camel(snake: str) -> str:
+    head, *rest = snake.split("_")
+    return head + "".join(p.title() for p in rest)

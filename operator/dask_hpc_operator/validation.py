@@ -1,0 +1,222 @@
+"""The operator's own check of a manifest, on the same schema the API server enforces.
+
+Two reasons it exists although the CRD validates too: `dask-hpc up` and `render` run with no
+API server, and defence in depth — a CRD installed by an older chart, or an object written
+before a pattern was tightened, must still never reach a job script unchecked.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import jsonschema
+from dask.utils import parse_bytes
+
+from . import crd_schema
+from .constants import API_VERSION, KIND_JOB
+
+Manifest = dict[str, Any]
+
+# What to tell a person whose value does not match a pattern.
+PATTERN_HINTS = {
+    crd_schema.MEMORY: "use a number with a unit, e.g. 16GiB or 512MiB",
+    crd_schema.WALLTIME: "use HH:MM:SS or D-HH:MM:SS, e.g. 01:30:00",
+    crd_schema.SAFE_TOKEN: "use letters, digits, '.', '_', '+' or '-' only",
+    crd_schema.DNS_LABEL: "use a DNS label: lower-case letters, digits and '-'",
+    crd_schema.ENV_NAME: "use a shell variable name: letters, digits and '_'",
+    crd_schema.NO_CONTROL_CHARS: "remove newlines and other control characters",
+    crd_schema.PROLOGUE_LINE: ("keep prologue lines to simple commands (no ; | & $ ` < > "
+                               "quotes or newlines); set variables with `env` instead"),
+    crd_schema.DIRECTIVE: "write one directive like --constraint=haswell (no spaces or quotes)",
+    crd_schema.ARG_TOKEN: "give one argument per list item, without spaces or quotes",
+    crd_schema.PATH: "use an absolute path without spaces or shell metacharacters",
+}
+MAX_MEMORY = 64 * 2**40  # 64 TiB: larger is a typo, not a node
+MAX_WALLTIME_S = 365 * 86_400
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be accepted; `field` is a dotted path like spec.worker.memory."""
+
+    def __init__(self, field: str, message: str, fix: str = "") -> None:
+        self.field = field
+        self.message = message
+        self.fix = fix
+        super().__init__(f"{field}: {message}" + (f" ({fix})" if fix else ""))
+
+
+def _path(parts: Iterable[Any]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "<root>"
+
+
+def _strict(schema: Any) -> Any:
+    """Reject unknown fields (typos like `replica:`) where the schema lists properties.
+
+    The API server prunes unknown fields silently (or warns, with kubectl's strict field
+    validation); a user of `up` has no such warning, so here they are errors.
+    """
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+_VALIDATORS: dict[str, jsonschema.protocols.Validator] = {}
+
+
+def _validator(kind: str) -> jsonschema.protocols.Validator:
+    if kind not in _VALIDATORS:
+        schema = _strict(crd_schema.object_schema(kind))
+        # status is the operator's to write; users' manifests may carry anything there.
+        schema["properties"]["status"] = {"type": "object"}
+        _VALIDATORS[kind] = jsonschema.Draft7Validator(schema)
+    return _VALIDATORS[kind]
+
+
+def _explain(error: jsonschema.ValidationError) -> ManifestError:
+    field = _path(error.absolute_path)
+    if error.validator == "pattern":
+        return ManifestError(field, f"{error.instance!r} is not allowed",
+                             PATTERN_HINTS.get(str(error.validator_value), "see the CRD"))
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        known = ", ".join(sorted(error.schema.get("properties", {})))
+        return ManifestError(_path([*error.absolute_path, extra[0]]) if extra else field,
+                             "unknown field", f"known fields here: {known}")
+    if error.validator in ("minimum", "maximum"):
+        return ManifestError(field, f"{error.instance!r} is out of range",
+                             f"{error.validator} is {error.validator_value}")
+    if error.validator == "type":
+        return ManifestError(field, f"{error.instance!r} is not of type {error.validator_value}",
+                             f"write a {error.validator_value}")
+    if error.validator == "enum":
+        return ManifestError(field, f"{error.instance!r} is not one of {error.validator_value}")
+    if error.validator == "maxLength":
+        return ManifestError(field, "is too long", f"at most {error.validator_value} characters")
+    return ManifestError(field, error.message)
+
+
+def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """Fill in schema defaults the way the API server does (objects present or defaulted)."""
+    if isinstance(value, dict) and "properties" in schema:
+        for key, sub in schema["properties"].items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                value[key] = apply_defaults(sub, value[key])
+    elif isinstance(value, list) and "items" in schema:
+        return [apply_defaults(schema["items"], v) for v in value]
+    return value
+
+
+def parse_memory(value: str, field: str) -> int:
+    try:
+        n = parse_bytes(value)
+    except (ValueError, TypeError) as exc:
+        raise ManifestError(field, f"{value!r} is not a memory size",
+                            PATTERN_HINTS[crd_schema.MEMORY]) from exc
+    if not 0 < n <= MAX_MEMORY:
+        raise ManifestError(field, f"{value!r} is out of range", "between 1KiB and 64TiB")
+    return int(n)
+
+
+def parse_walltime(value: str, field: str) -> int:
+    m = re.match(r"^(?:(\d+)-)?(\d+):(\d\d):(\d\d)$", value)
+    if not m:
+        raise ManifestError(field, f"{value!r} is not a walltime",
+                            PATTERN_HINTS[crd_schema.WALLTIME])
+    days, hours, minutes, seconds = (int(g or 0) for g in m.groups())
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if not 0 < total <= MAX_WALLTIME_S:
+        raise ManifestError(field, f"{value!r} is out of range", "between 00:00:01 and 365 days")
+    return total
+
+
+def _check_worker(worker: dict[str, Any], field: str) -> None:
+    parse_memory(worker["memory"], f"{field}.memory")
+    parse_walltime(worker["walltime"], f"{field}.walltime")
+    if worker["processes"] > worker["cores"]:
+        raise ManifestError(f"{field}.processes",
+                            f"{worker['processes']} processes exceed {worker['cores']} cores",
+                            "each process needs at least one core: lower processes or raise cores")
+    for name in worker.get("resources", {}):
+        if not re.match(crd_schema.RESOURCE_NAME, name):
+            raise ManifestError(f"{field}.resources.{name}", "is not a valid resource name",
+                                "use letters, digits and '_', starting with a letter")
+    cuda = worker.get("cuda", {})
+    if cuda.get("enabled") and worker["gpus"] < 1:
+        raise ManifestError(f"{field}.gpus", "cuda.enabled needs GPUs", "set gpus: 1 or more")
+    for key in ("rmmPoolSize", "deviceMemoryLimit"):
+        if key in cuda:
+            parse_memory(cuda[key], f"{field}.cuda.{key}")
+    _check_env(worker.get("env", []), f"{field}.env")
+
+
+def _check_env(env: list[dict[str, str]], field: str) -> None:
+    seen: set[str] = set()
+    for i, item in enumerate(env):
+        if item["name"] in seen:
+            raise ManifestError(f"{field}[{i}].name", f"{item['name']} is set twice")
+        seen.add(item["name"])
+
+
+def check_cluster_spec(spec: dict[str, Any], field: str = "spec") -> None:
+    scheduler = spec["scheduler"]
+    parse_memory(scheduler["memory"], f"{field}.scheduler.memory")
+    parse_walltime(scheduler["walltime"], f"{field}.scheduler.walltime")
+    _check_env(scheduler.get("env", []), f"{field}.scheduler.env")
+    _check_worker(spec["worker"], f"{field}.worker")
+
+
+def validate(manifest: Manifest) -> Manifest:
+    """Return a defaulted deep copy of a valid manifest; raise ManifestError otherwise."""
+    if not isinstance(manifest, dict):
+        raise ManifestError("<root>", "a manifest must be a mapping")
+    kind = manifest.get("kind")
+    if kind not in crd_schema.ALL_KINDS:
+        raise ManifestError("kind", f"{kind!r} is not a dask-hpc kind",
+                            "one of " + ", ".join(crd_schema.ALL_KINDS))
+    if manifest.get("apiVersion") != API_VERSION:
+        raise ManifestError("apiVersion", f"{manifest.get('apiVersion')!r} is not served",
+                            f"use {API_VERSION}")
+    name = manifest.get("metadata", {}).get("name", "")
+    if not isinstance(name, str) or not re.match(crd_schema.DNS_LABEL, name) or len(name) > 63:
+        raise ManifestError("metadata.name", f"{name!r} is not a valid name",
+                            PATTERN_HINTS[crd_schema.DNS_LABEL] + ", at most 63 characters")
+    namespace = manifest.get("metadata", {}).get("namespace", "default")
+    if not isinstance(namespace, str) or not re.match(crd_schema.DNS_LABEL, namespace):
+        raise ManifestError("metadata.namespace", f"{namespace!r} is not a valid namespace")
+    errors = sorted(_validator(kind).iter_errors(manifest),
+                    key=lambda e: (len(e.absolute_path), _path(e.absolute_path)), reverse=True)
+    if errors:
+        raise _explain(errors[0])
+    result = copy.deepcopy(manifest)
+    apply_defaults(crd_schema.object_schema(kind), result)
+    spec = result["spec"]
+    if kind == KIND_JOB:
+        job = spec["job"]
+        if ("command" in job) == ("script" in job):
+            raise ManifestError("spec.job", "set exactly one of command or script")
+        parse_memory(job["memory"], "spec.job.memory")
+        parse_walltime(job["walltime"], "spec.job.walltime")
+        spec.setdefault("cluster", {})
+        apply_defaults(crd_schema.cluster_spec_schema(), spec["cluster"])
+        check_cluster_spec(spec["cluster"], "spec.cluster")
+    elif "worker" in spec and "scheduler" in spec:
+        check_cluster_spec(spec)
+    elif "worker" in spec:
+        _check_worker(spec["worker"], "spec.worker")
+    elif kind != KIND_JOB and "minimum" in spec and spec["minimum"] > spec["maximum"]:
+        raise ManifestError("spec.minimum", "exceeds spec.maximum", "lower minimum")
+    return result

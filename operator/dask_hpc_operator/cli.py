@@ -108,7 +108,7 @@ def cmd_operator(args: argparse.Namespace, site: SiteConfig) -> int:
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    registry = build_registry(Runtime(site))
+    registry = build_registry(Runtime(site), kopf.get_default_registry())
     kopf.run(registry=registry, clusterwide=not args.namespace,
              namespaces=args.namespace or (), standalone=True)
     return 0

@@ -28,8 +28,12 @@ def _event_sink(body: kopf.Body) -> Any:
     return post
 
 
-def build_registry(runtime: Runtime, timer_interval: float | None = None) -> kopf.OperatorRegistry:
-    registry = kopf.OperatorRegistry()
+def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = None,
+                   timer_interval: float | None = None) -> kopf.OperatorRegistry:
+    """Register the handlers. The CLI passes kopf's default registry, whose fallback logins
+    (kubeconfig, in-cluster service account) production needs; tests pass a fresh one and
+    add a login handler for the emulator."""
+    registry = registry if registry is not None else kopf.OperatorRegistry()
     reconciler = ClusterReconciler(runtime)
     interval = timer_interval or runtime.site.poll_interval
     resource = (GROUP, VERSION, plural(KIND_CLUSTER))

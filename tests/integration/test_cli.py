@@ -1,0 +1,125 @@
+"""The `dask-hpc` command as a user runs it: real processes, real Dask, local and SLURM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import live_slurm_jobs
+
+REPO = Path(__file__).resolve().parents[2]
+DASK_HPC = [sys.executable, "-m", "dask_hpc_operator.cli"]
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "site.yaml"
+    path.write_text(f"stagingDir: {tmp_path / 'staging'}\nminPollInterval: 0.5\n")
+    return path
+
+
+def processes_under(path: Path) -> list[str]:
+    """Command lines of live processes that mention `path` (our jobs' scripts and files)."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if str(path) in line and "ps -eo" not in line]
+
+
+def run(args: list[str], config: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*DASK_HPC, *args, "--config", str(config)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_up_runs_a_computation_and_leaves_nothing(config: Path, tmp_path: Path) -> None:
+    """The README's quick start: local backend, a client command, then teardown."""
+    result = run(["up", "-f", "examples/cluster-local.yaml", "--",
+                  sys.executable, "examples/quickstart.py"], config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "with 2 workers" in result.stdout
+    assert "mean of x @ x.T" in result.stdout
+    assert "is ready: scheduler tcp://" in result.stdout
+    assert result.stdout.rstrip().endswith("no job left")
+    assert processes_under(tmp_path / "staging") == []
+
+
+def test_up_passes_the_command_exit_code(config: Path) -> None:
+    result = run(["up", "-f", "examples/cluster-local.yaml", "--",
+                  sys.executable, "-c", "raise SystemExit(7)"], config)
+    assert result.returncode == 7
+    assert "no job left" in result.stdout
+
+
+def test_ctrl_c_tears_everything_down(config: Path, tmp_path: Path) -> None:
+    proc = subprocess.Popen([*DASK_HPC, "up", "-f", "examples/cluster-local.yaml",
+                             "--config", str(config)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    seen = []
+    for line in proc.stdout:  # blocks per line; the deadline guards a silent hang
+        seen.append(line)
+        if "press Ctrl-C" in line or time.monotonic() > deadline:
+            break
+    assert any("is ready" in line for line in seen), "".join(seen)
+    assert processes_under(tmp_path / "staging"), "the cluster's processes should be running"
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert "no job left" in rest
+    assert proc.returncode == 0
+    assert processes_under(tmp_path / "staging") == []
+
+
+@pytest.mark.parametrize(("key", "value", "field"), [
+    ("replicas", -1, "spec.worker.replicas"),
+    ("memory", "1GiB; touch /tmp/pwned", "spec.worker.memory"),
+    ("queue", "debug\n#SBATCH --uid=0", "spec.worker.queue"),
+    ("replica", 3, "spec.worker.replica"),
+])
+def test_invalid_manifest_exits_2_and_submits_nothing(config: Path, tmp_path: Path, key: str,
+                                                      value: object, field: str) -> None:
+    manifest = yaml.safe_load((REPO / "examples/cluster-local.yaml").read_text())
+    manifest["spec"]["worker"][key] = value
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(manifest))
+    result = run(["up", "-f", str(bad)], config)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert field in result.stderr
+    assert not (tmp_path / "staging").exists(), "nothing may be submitted or staged"
+
+
+def test_render_prints_scripts_and_refuses_bad_input(config: Path, tmp_path: Path) -> None:
+    result = run(["render", "-f", "examples/cluster-slurm.yaml"], config)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("#SBATCH --comment=dask-hpc:v1:default:analysis:") == 5
+    assert "distributed.cli.dask_scheduler" in result.stdout
+    assert "#SBATCH --cpus-per-task=4" in result.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "examples/cluster-slurm.yaml").read_text()
+                   .replace('walltime: "04:00:00"\n    queue: debug\n  worker',
+                            'walltime: "4h"\n    queue: debug\n  worker'))
+    result = run(["render", "-f", str(bad)], config)
+    assert result.returncode == 2
+    assert "spec.scheduler.walltime" in result.stderr and "HH:MM:SS" in result.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm")
+def test_up_on_slurm(config: Path, tmp_path: Path) -> None:
+    result = run(["up", "-f", "examples/cluster-local.yaml", "--backend", "slurm", "--",
+                  sys.executable, "examples/quickstart.py"], config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "mean of x @ x.T" in result.stdout
+    assert "no job left" in result.stdout
+    out = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%i|%T|%k"],
+                         capture_output=True, text=True, check=True).stdout
+    ours = [line for line in out.splitlines() if ":quickstart:" in line]
+    assert ours, "the jobs ran through SLURM"
+    uids = {line.split(":")[4] for line in ours}
+    assert all(live_slurm_jobs(uid) == [] for uid in uids)
+    assert os.environ.get("CI") != "true" or ours

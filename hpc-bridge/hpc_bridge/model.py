@@ -62,9 +62,9 @@ class JobIdentity:
     def __post_init__(self) -> None:
         for label, value in (("namespace", self.namespace), ("cluster", self.cluster),
                              ("group", self.group)):
-            if not _NAME_RE.match(value) or len(value) > 63:
+            if not _NAME_RE.fullmatch(value) or len(value) > 63:
                 raise IdentityError(f"{label} {value!r} is not a DNS label")
-        if not _UID_RE.match(self.owner_uid):
+        if not _UID_RE.fullmatch(self.owner_uid):
             raise IdentityError(f"owner uid {self.owner_uid!r} is not a uid")
         if self.index < 0:
             raise IdentityError("index must be >= 0")

@@ -45,6 +45,9 @@ class BatchedPoller:
         self.last_error = ""
         self._next_allowed = 0.0
         self._inflight: asyncio.Task[Snapshot] | None = None
+        # Submits and cancels recorded since the last poll began, with when: a poll that was
+        # already in flight cannot have seen them, so they are laid over its result.
+        self._recorded: dict[str, tuple[ObservedJob, float]] = {}
 
     async def get(self, max_age: float | None = None) -> Snapshot:
         """A snapshot no older than `max_age` (default: the minimum interval)."""
@@ -67,6 +70,7 @@ class BatchedPoller:
 
     async def _poll(self) -> Snapshot:
         self.polls += 1
+        started = time.monotonic()
         try:
             jobs = await self.backend.poll()
         except BatchSystemError as exc:
@@ -79,16 +83,28 @@ class BatchedPoller:
             raise BatchSystemUnavailable(f"{self.backend.kind}: {exc}") from exc
         self.failures = 0
         self.last_error = ""
-        self.snapshot = Snapshot({j.job_id: j for j in jobs}, time.monotonic())
+        observed = {j.job_id: j for j in jobs}
+        for job_id, (job, recorded_at) in list(self._recorded.items()):
+            if recorded_at < started:
+                del self._recorded[job_id]  # this poll saw the batch system after the change
+                continue
+            seen = observed.get(job_id)
+            if seen is None or (job.state is JobState.ENDING and seen.state.live):
+                observed[job_id] = job
+        self.snapshot = Snapshot(observed, started)  # its age counts from when it began
         return self.snapshot
+
+    def _record(self, job: ObservedJob) -> None:
+        self.snapshot.jobs[job.job_id] = job
+        self._recorded[job.job_id] = (job, time.monotonic())
 
     def record_submitted(self, job: ObservedJob) -> None:
         """Make a fresh submission visible at once, so the next reconcile cannot repeat it."""
-        self.snapshot.jobs[job.job_id] = job
+        self._record(job)
 
     def record_cancelled(self, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:
             job = self.snapshot.jobs.get(job_id)
             if job is not None and job.state.live:
-                self.snapshot.jobs[job_id] = ObservedJob(
-                    job.job_id, job.identity, JobState.ENDING, "cancel requested")
+                self._record(ObservedJob(job.job_id, job.identity, JobState.ENDING,
+                                         "cancel requested"))

@@ -160,6 +160,14 @@ def worker_template_schema() -> Schema:
             },
             "cuda": cuda,
         },
+        "x-kubernetes-validations": [{
+            "rule": "!has(self.processes) || !has(self.cores) || self.processes <= self.cores",
+            "message": "processes must not exceed cores",
+        }, {
+            "rule": "!has(self.cuda) || !has(self.cuda.enabled) || !self.cuda.enabled "
+                    "|| (has(self.gpus) && self.gpus >= 1)",
+            "message": "cuda.enabled needs gpus >= 1",
+        }],
     }
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from . import crd_schema
+from .validation import matches
 
 BACKENDS = ("slurm", "pbs", "local")
 
@@ -60,6 +61,8 @@ class SiteConfig:
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise ConfigError(f"site config: {key} must be a list of strings")
                 value = tuple(value)
+            else:
+                _check_type(key, value, known[attr].default)
             kwargs[attr] = value
         config = cls(**kwargs)
         config.check()
@@ -85,14 +88,32 @@ class SiteConfig:
             raise ConfigError(f"site config: backend {self.backend!r} is not one of {BACKENDS}")
         for key in ("staging_dir", "python"):
             value = getattr(self, key)
-            if not isinstance(value, str) or not re.match(crd_schema.PATH, value):
+            if not isinstance(value, str) or not matches(crd_schema.PATH, value):
                 raise ConfigError(f"site config: {_camel(key)} {value!r} must be an absolute "
                                   "path without spaces or shell metacharacters")
         for line in self.prologue:
-            if not re.match(crd_schema.PROLOGUE_LINE, line):
+            if not isinstance(line, str) or not matches(crd_schema.PROLOGUE_LINE, line):
                 raise ConfigError(f"site config: prologue line {line!r} is not a simple command")
         if self.min_poll_interval <= 0 or self.poll_interval < self.min_poll_interval:
             raise ConfigError("site config: pollInterval must be >= minPollInterval > 0")
+
+
+def _check_type(key: str, value: Any, default: Any) -> None:
+    """Numbers and switches must be what they look like: `workerDeathTimeout: 15m` would
+    otherwise reach every worker's command line."""
+    if isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        expected = "a number of seconds"
+    else:
+        ok, expected = isinstance(value, str), "a string"
+    if not ok:
+        raise ConfigError(f"site config: {key} is {value!r}; expected {expected}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        raise ConfigError(f"site config: {key} must not be negative")
 
 
 def _camel(snake: str) -> str:

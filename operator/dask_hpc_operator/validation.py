@@ -55,14 +55,27 @@ def _path(parts: Iterable[Any]) -> str:
     return out or "<root>"
 
 
-def _strict(schema: Any) -> Any:
-    """Reject unknown fields (typos like `replica:`) where the schema lists properties.
+def matches(pattern: str, value: str) -> bool:
+    """A whole-string match, as RE2 (the API server) reads `^...$`.
 
-    The API server prunes unknown fields silently (or warns, with kubectl's strict field
-    validation); a user of `up` has no such warning, so here they are errors.
+    Python's `$` also matches before a trailing newline, which would let `"debug\n"` through
+    and split a directive line; fullmatch does not.
+    """
+    return re.fullmatch(pattern, value) is not None
+
+
+def _strict(schema: Any) -> Any:
+    r"""The CRD schema, made as strict in Python as the API server is, and stricter on typos.
+
+    - Unknown fields (`replica:`) are errors where the schema lists properties: the API
+      server prunes them silently, and a user of `up` has no such warning.
+    - A pattern's closing `$` becomes `\Z`, because jsonschema applies patterns with Python's
+      re.search, whose `$` accepts a trailing newline (RE2's does not).
     """
     if isinstance(schema, dict):
         out = {k: _strict(v) for k, v in schema.items()}
+        if isinstance(out.get("pattern"), str) and out["pattern"].endswith("$"):
+            out["pattern"] = out["pattern"][:-1] + r"\Z"
         if "properties" in schema and "additionalProperties" not in schema \
                 and not schema.get("x-kubernetes-preserve-unknown-fields"):
             out["additionalProperties"] = False
@@ -72,6 +85,15 @@ def _strict(schema: Any) -> Any:
     return schema
 
 
+# JSON Schema counts 2.0 as an integer; the API server does not, and a float replica count
+# would break arithmetic later. Booleans are not numbers either.
+_StrictValidator = jsonschema.validators.extend(
+    jsonschema.Draft7Validator,
+    type_checker=jsonschema.Draft7Validator.TYPE_CHECKER.redefine_many({
+        "integer": lambda _c, v: isinstance(v, int) and not isinstance(v, bool),
+        "number": lambda _c, v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    }),
+)
 _VALIDATORS: dict[str, jsonschema.protocols.Validator] = {}
 
 
@@ -80,7 +102,7 @@ def _validator(kind: str) -> jsonschema.protocols.Validator:
         schema = _strict(crd_schema.object_schema(kind))
         # status is the operator's to write; users' manifests may carry anything there.
         schema["properties"]["status"] = {"type": "object"}
-        _VALIDATORS[kind] = jsonschema.Draft7Validator(schema)
+        _VALIDATORS[kind] = _StrictValidator(schema)
     return _VALIDATORS[kind]
 
 
@@ -88,7 +110,8 @@ def _explain(error: jsonschema.ValidationError) -> ManifestError:
     field = _path(error.absolute_path)
     if error.validator == "pattern":
         return ManifestError(field, f"{error.instance!r} is not allowed",
-                             PATTERN_HINTS.get(str(error.validator_value), "see the CRD"))
+                             PATTERN_HINTS.get(str(error.validator_value).removesuffix(r"\Z")
+                                               + "$", "see the CRD"))
     if error.validator == "additionalProperties":
         extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
         known = ", ".join(sorted(error.schema.get("properties", {})))
@@ -102,6 +125,11 @@ def _explain(error: jsonschema.ValidationError) -> ManifestError:
                              f"write a {error.validator_value}")
     if error.validator == "enum":
         return ManifestError(field, f"{error.instance!r} is not one of {error.validator_value}")
+    if error.validator == "required":
+        present = error.instance if isinstance(error.instance, dict) else {}
+        missing = [k for k in error.validator_value if k not in present]
+        return ManifestError(_path([*error.absolute_path, missing[0]]) if missing else field,
+                             "is required")
     if error.validator == "maxLength":
         return ManifestError(field, "is too long", f"at most {error.validator_value} characters")
     return ManifestError(field, error.message)
@@ -151,7 +179,7 @@ def _check_worker(worker: dict[str, Any], field: str) -> None:
                             f"{worker['processes']} processes exceed {worker['cores']} cores",
                             "each process needs at least one core: lower processes or raise cores")
     for name in worker.get("resources", {}):
-        if not re.match(crd_schema.RESOURCE_NAME, name):
+        if not matches(crd_schema.RESOURCE_NAME, name):
             raise ManifestError(f"{field}.resources.{name}", "is not a valid resource name",
                                 "use letters, digits and '_', starting with a letter")
     cuda = worker.get("cuda", {})
@@ -190,13 +218,15 @@ def validate(manifest: Manifest) -> Manifest:
     if manifest.get("apiVersion") != API_VERSION:
         raise ManifestError("apiVersion", f"{manifest.get('apiVersion')!r} is not served",
                             f"use {API_VERSION}")
-    name = manifest.get("metadata", {}).get("name", "")
-    if not isinstance(name, str) or not re.match(crd_schema.DNS_LABEL, name) or len(name) > 63:
-        raise ManifestError("metadata.name", f"{name!r} is not a valid name",
-                            PATTERN_HINTS[crd_schema.DNS_LABEL] + ", at most 63 characters")
-    namespace = manifest.get("metadata", {}).get("namespace", "default")
-    if not isinstance(namespace, str) or not re.match(crd_schema.DNS_LABEL, namespace):
-        raise ManifestError("metadata.namespace", f"{namespace!r} is not a valid namespace")
+    metadata = manifest.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise ManifestError("metadata", "must be a mapping", "write metadata: {name: ...}")
+    for key, default in (("name", ""), ("namespace", "default")):
+        value = metadata.get(key, default)
+        if not isinstance(value, str) or len(value) > 63 \
+                or not matches(crd_schema.DNS_LABEL, value):
+            raise ManifestError(f"metadata.{key}", f"{value!r} is not a valid {key}",
+                                PATTERN_HINTS[crd_schema.DNS_LABEL] + ", at most 63 characters")
     errors = sorted(_validator(kind).iter_errors(manifest),
                     key=lambda e: (len(e.absolute_path), _path(e.absolute_path)), reverse=True)
     if errors:

@@ -196,11 +196,6 @@ async def test_record_cancelled_marks_live_jobs_ending(backend: FakeBackend,
     assert "unknown" not in snap.jobs
 
 
-@pytest.mark.xfail(reason="BUG: a poll that was in flight while a job was submitted replaces "
-                          "the snapshot with its older view (taken_at is set when the poll "
-                          "ends, not when it began), so record_submitted is lost and the next "
-                          "reconcile submits the job again",
-                   strict=True)
 async def test_submission_survives_a_poll_started_before_it(backend: FakeBackend,
                                                             clock: Clock) -> None:
     poller = BatchedPoller(backend)

@@ -80,10 +80,6 @@ def test_identity_rejects_unsafe_parts(kwargs: dict[str, object]) -> None:
         ident(**kwargs)  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(reason="BUG: JobIdentity accepts a DNS label with a trailing newline "
-                          "('c1\\n'): _NAME_RE uses `$`, which matches before a final "
-                          "newline; the newline then splits the #SBATCH -J/--comment lines",
-                   strict=True)
 def test_identity_rejects_trailing_newline() -> None:
     with pytest.raises(IdentityError):
         ident(cluster="c1\n")

@@ -111,14 +111,23 @@ class LocalBackend:
         return now is not None and (not started.strip() or now == started.strip())
 
     def _group_alive(self, job_dir: Path) -> bool:
-        """Any process left in the job's process group (a cancelled job is gone only then)."""
+        """Any live process left in the job's process group (a cancelled job is gone only
+        then). Zombies do not count: where nothing reaps orphans (an operator that is PID 1
+        of a container), they would keep a cancelled job ENDING forever."""
         self._alive(job_dir)  # reaps the wrapper if it is our child
         try:
-            pid = int((job_dir / "pid").read_text().split()[0])
-            os.killpg(pid, 0)
-        except (OSError, ValueError, IndexError):
+            pgid = (job_dir / "pid").read_text().split()[0]
+        except (OSError, IndexError):
             return False
-        return True
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            fields = text[text.rindex(")") + 2:].split()
+            if fields[2] == pgid and fields[0] not in ("Z", "X"):
+                return True
+        return False
 
     async def poll(self) -> list[ObservedJob]:
         self.calls["poll"] += 1

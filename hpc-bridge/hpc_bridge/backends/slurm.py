@@ -33,7 +33,8 @@ SACCT_FIELDS = "JobID,State,ExitCode"
 def parse_state(word: str) -> JobState:
     # sacct writes "CANCELLED by 1000"; unknown future states are treated as still running
     # rather than failed, so nothing is resubmitted on a word we do not know.
-    return STATES.get(word.split()[0] if word else "", JobState.RUNNING)
+    words = word.split()
+    return STATES.get(words[0] if words else "", JobState.RUNNING)
 
 
 def parse_squeue(text: str) -> list[ObservedJob]:
@@ -114,9 +115,12 @@ class SlurmBackend:
         """
         found: dict[str, tuple[JobState, int | None, str]] = {}
         while self._sacct_mode is not None:
-            rc, out, err = await self.runner.run(
-                ["sacct", *self._sacct_mode, "--noheader", "--parsable2",
-                 f"--format={SACCT_FIELDS}", "--jobs=" + ",".join(job_ids)], check=False)
+            try:
+                rc, out, err = await self.runner.run(
+                    ["sacct", *self._sacct_mode, "--noheader", "--parsable2",
+                     f"--format={SACCT_FIELDS}", "--jobs=" + ",".join(job_ids)], check=False)
+            except BatchSystemError as exc:  # not installed, or slurmdbd hangs: squeue works
+                rc, out, err = 1, "", str(exc)
             if rc == 0:
                 found = parse_sacct(out)
                 break

@@ -115,15 +115,63 @@ class JobTemplate:
     extra_directives: tuple[str, ...] = ()
     worker_args: tuple[str, ...] = ()
     resources: tuple[tuple[str, float], ...] = ()
+    # GPU workers: `dask cuda worker`, one Dask worker per GPU.
+    cuda: bool = False
+    rmm_pool_size: str | None = None
+    device_memory_limit: str | None = None
+    protocol: str | None = None  # the workers' protocol; None = the scheduler's first
 
 
 @dataclass(frozen=True)
 class JobRequest:
-    """A rendered job, ready for a backend's submit."""
+    """A rendered job, ready for a backend's submit.
+
+    With `array`, one submission carries one task per index (a SLURM job array); `identity`
+    is the first task's, and each task's worker takes its index from the batch system.
+    """
 
     identity: JobIdentity
     script: str
     log_dir: str
+    array: tuple[int, ...] = ()
+
+    def task_identities(self) -> list[JobIdentity]:
+        if not self.array:
+            return [self.identity]
+        i = self.identity
+        return [JobIdentity(i.namespace, i.cluster, i.owner_uid, i.role, i.group, n)
+                for n in self.array]
+
+
+def compress_ranges(indices: tuple[int, ...] | list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8" (SLURM's --array syntax)."""
+    out: list[str] = []
+    ordered = sorted(set(indices))
+    start = prev = ordered[0]
+    for n in [*ordered[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if n is not None:
+            start = prev = n
+    return ",".join(out)
+
+
+def expand_ranges(text: str) -> list[int]:
+    """SLURM's array task list ("3,5-6%2") -> [3, 5, 6]; the throttle after % is dropped."""
+    result: list[int] = []
+    for part in text.split("%")[0].split(","):
+        part = part.strip()
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        step = 1
+        if ":" in high:
+            high, _, step_text = high.partition(":")
+            step = int(step_text)
+        result.extend(range(int(low), int(high or low) + 1, step))
+    return result
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ env values — is quoted with `shlex.quote` here.
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +22,38 @@ from dask_jobqueue.local import LocalJob
 from dask_jobqueue.pbs import PBSJob
 from dask_jobqueue.slurm import SLURMJob
 
-from .model import JobIdentity, JobRequest, JobTemplate, Role
+from .model import JobIdentity, JobRequest, JobTemplate, Role, compress_ranges
 
 JOB_CLASSES: dict[str, type[Job]] = {"slurm": SLURMJob, "pbs": PBSJob, "local": LocalJob}
+
+
+# Written next to the scheduler file and preloaded by the scheduler when it listens on more
+# than one protocol: dask's own scheduler file records only the first listener, so this
+# writes one file per listener (scheduler-ucx.json, ...) for the workers of that protocol.
+LISTENERS_PRELOAD = """\
+import json, os
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+
+class WriteListenerFiles(SchedulerPlugin):
+    name = "dask-hpc-listener-files"
+
+    async def start(self, scheduler):
+        here = os.path.dirname(os.path.abspath(__file__))
+        for listener in scheduler.listeners:
+            address = listener.contact_address
+            protocol = address.split("://", 1)[0]
+            info = dict(scheduler.identity(n_workers=0), address=address)
+            path = os.path.join(here, "scheduler-%s.json" % protocol)
+            with open(path + ".tmp", "w") as f:
+                json.dump(info, f)
+            os.replace(path + ".tmp", path)
+
+
+def dask_setup(scheduler):
+    scheduler.add_plugin(WriteListenerFiles())
+"""
+LISTENERS_PRELOAD_NAME = "listeners_preload.py"
 
 
 @dataclass(frozen=True)
@@ -34,12 +64,26 @@ class RenderContext:
     python: str  # interpreter on the compute nodes
     scheduler_file: str  # in the cluster's staging directory on the shared filesystem
     log_dir: str
-    protocol: str = "tcp"
+    protocols: tuple[str, ...] = ("tcp",)  # the scheduler's listeners; the first is primary
     site_prologue: tuple[str, ...] = ()
     # Seconds a worker waits for the scheduler file (and for a lost scheduler) before exiting.
     # Long, because the scheduler's own job may queue; the operator cancels workers of a
     # scheduler that is gone, so this only bounds orphans when the operator is down too.
     death_timeout: int = 900
+
+    @property
+    def protocol(self) -> str:
+        return self.protocols[0]
+
+    def scheduler_file_for(self, protocol: str | None) -> str:
+        """Workers of the primary protocol read dask's own file; others their listener's."""
+        if protocol is None or protocol == self.protocol:
+            return self.scheduler_file
+        return os.path.join(os.path.dirname(self.scheduler_file), f"scheduler-{protocol}.json")
+
+    @property
+    def preload_path(self) -> str:
+        return os.path.join(os.path.dirname(self.scheduler_file), LISTENERS_PRELOAD_NAME)
 
 
 def _directives(ctx: RenderContext, identity: JobIdentity, template: JobTemplate) -> list[str]:
@@ -64,13 +108,24 @@ def _prologue(ctx: RenderContext, identity: JobIdentity, template: JobTemplate) 
     return lines
 
 
+ARRAY_TASK_VARIABLE = {"slurm": "${SLURM_ARRAY_TASK_ID}", "pbs": "${PBS_ARRAY_INDEX}"}
+
+
 def _job(ctx: RenderContext, identity: JobIdentity, template: JobTemplate,
-         worker_args: list[str]) -> Job:
+         worker_args: list[str], array: tuple[int, ...] = ()) -> Job:
     cls = JOB_CLASSES[ctx.backend]
+    name = job_name = identity.job_name
+    directives = _directives(ctx, identity, template)
+    if array:
+        # One submission, one task per index: each worker's name (and so its identity)
+        # takes the task's index from the batch system at run time.
+        stem = name.rsplit(".", 1)[0]
+        name, job_name = f"{stem}.{ARRAY_TASK_VARIABLE[ctx.backend]}", f"{stem}.array"
+        directives.insert(0, f"--array={compress_ranges(array)}")
     kwargs: dict[str, Any] = {
-        "scheduler": f"--scheduler-file {shlex.quote(ctx.scheduler_file)}",
-        "name": identity.job_name,
-        "job_name": identity.job_name,
+        "scheduler": f"--scheduler-file {shlex.quote(ctx.scheduler_file_for(template.protocol))}",
+        "name": name,
+        "job_name": job_name,
         "cores": template.cores,
         "memory": template.memory,
         "processes": template.processes,
@@ -78,11 +133,18 @@ def _job(ctx: RenderContext, identity: JobIdentity, template: JobTemplate,
         "python": ctx.python,
         "death_timeout": ctx.death_timeout,
         "job_script_prologue": _prologue(ctx, identity, template),
-        "job_extra_directives": _directives(ctx, identity, template),
+        "job_extra_directives": directives,
         "worker_extra_args": worker_args,
     }
-    if ctx.protocol != "tcp":
-        kwargs["protocol"] = ctx.protocol
+    if template.cuda:
+        # `python -m dask cuda worker` goes through dask's CLI entry points, so it does not
+        # depend on dask-cuda's module layout; it starts one worker per visible GPU, so
+        # threads and host memory are split per GPU.
+        kwargs["worker_command"] = "dask cuda worker"
+        kwargs["processes"] = max(template.gpus, 1)
+    protocol = template.protocol or ctx.protocol
+    if protocol != "tcp":
+        kwargs["protocol"] = protocol
     if ctx.backend != "local":
         kwargs["queue"] = template.queue
         kwargs["account"] = template.account
@@ -95,23 +157,35 @@ def _job(ctx: RenderContext, identity: JobIdentity, template: JobTemplate,
 
 def worker_command_args(template: JobTemplate) -> list[str]:
     args = list(template.worker_args)
+    if template.cuda and template.rmm_pool_size:
+        args += ["--rmm-pool-size", template.rmm_pool_size]
+    if template.cuda and template.device_memory_limit:
+        args += ["--device-memory-limit", template.device_memory_limit]
     if template.resources:
         # Comma-separated so that the value is one token without quoting.
         args += ["--resources", ",".join(f"{k}={v:g}" for k, v in template.resources)]
     return args
 
 
-def render_worker(ctx: RenderContext, identity: JobIdentity, template: JobTemplate) -> JobRequest:
-    job = _job(ctx, identity, template, worker_command_args(template))
-    return JobRequest(identity=identity, script=job.job_script(), log_dir=ctx.log_dir)
+def render_worker(ctx: RenderContext, identity: JobIdentity, template: JobTemplate,
+                  array: tuple[int, ...] = ()) -> JobRequest:
+    """One worker job, or with `array` one job array whose tasks are these indices."""
+    job = _job(ctx, identity, template, worker_command_args(template), array)
+    return JobRequest(identity=identity, script=job.job_script(), log_dir=ctx.log_dir,
+                      array=tuple(array))
 
 
 def scheduler_command(ctx: RenderContext) -> str:
+    # Random ports: several clusters may share a node; the scheduler file tells.
+    ports = ",".join("0" for _ in ctx.protocols)
     parts = [ctx.python, "-m", "distributed.cli.dask_scheduler",
              "--scheduler-file", ctx.scheduler_file,
-             # Random ports: several clusters may share a node; the scheduler file tells.
-             "--port", "0", "--dashboard-address", ":0"]
-    if ctx.protocol != "tcp":
+             "--port", ports, "--dashboard-address", ":0"]
+    if len(ctx.protocols) > 1:
+        # One listener per protocol (e.g. tcp for CPU groups, ucx for GPU groups); the
+        # preload writes each listener's own scheduler file.
+        parts += ["--protocol", ",".join(ctx.protocols), "--preload", ctx.preload_path]
+    elif ctx.protocol != "tcp":
         parts += ["--protocol", ctx.protocol]
     return " ".join(shlex.quote(p) for p in parts)
 

@@ -72,7 +72,9 @@ def cmd_render(args: argparse.Namespace, site: SiteConfig) -> int:
         doc.setdefault("metadata", {}).setdefault("uid", "00000000-render")
         for request in reconciler.render_all(doc):
             ident = request.identity
-            print(f"# ---- {ident.role.value} job {ident.job_name}  ({ident.comment()})")
+            what = (f"array of {len(request.array)} {ident.role.value} jobs"
+                    if request.array else f"{ident.role.value} job {ident.job_name}")
+            print(f"# ---- {what}  ({ident.comment()})")
             print(request.script.strip() + "\n")
     return 0
 

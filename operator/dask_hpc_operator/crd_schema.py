@@ -43,6 +43,7 @@ ARG_TOKEN = r"^[A-Za-z0-9_.:,/@%+=-]+$"  # one argv element of the worker comman
 RESOURCE_NAME = r"^[A-Za-z][A-Za-z0-9_]*$"
 PATH = r"^/[A-Za-z0-9_./@%+=-]*$"  # absolute, no spaces or metacharacters
 
+PROTOCOLS = ["tcp", "tls", "ucx", "ws", "wss"]  # what distributed can listen on
 MAX_REPLICAS = 10_000
 MAX_CORES = 4096
 MAX_PROCESSES = 256
@@ -113,7 +114,9 @@ def worker_template_schema() -> Schema:
             "enabled": {"type": "boolean", "default": False},
             "rmmPoolSize": _memory("RMM pool per GPU"),
             "deviceMemoryLimit": _memory("Spill from device memory above this"),
-            "protocol": {"type": "string", "enum": ["ucx", "tcp"], "default": "ucx"},
+            "protocol": {"type": "string", "enum": ["ucx", "tcp"],
+                         "description": "Protocol of the GPU workers; default: the "
+                                        "scheduler's. The scheduler must listen on it."},
         },
     }
     return {
@@ -159,6 +162,12 @@ def worker_template_schema() -> Schema:
                 }],
             },
             "cuda": cuda,
+            "packing": {
+                "type": "string", "enum": ["auto", "array", "single"], "default": "auto",
+                "description": "How a scale-up is submitted: array = one job array for all "
+                               "new workers; single = one job each; auto = array where the "
+                               "batch system has arrays.",
+            },
         },
         "x-kubernetes-validations": [{
             "rule": "!has(self.processes) || !has(self.cores) || self.processes <= self.cores",
@@ -181,7 +190,14 @@ def scheduler_schema() -> Schema:
             "memory": _memory("Memory of the scheduler job", default="2GiB"),
             "walltime": _walltime("Walltime of the scheduler job", default="01:00:00"),
             **_batch_placement(),
-            "protocol": {"type": "string", "enum": ["tcp", "tls", "ucx"], "default": "tcp"},
+            "protocol": {"type": "string", "enum": PROTOCOLS[:3], "default": "tcp"},
+            "extraProtocols": {
+                "type": "array",
+                "description": "More listeners, e.g. [ucx] for GPU worker groups of a "
+                               "cluster whose CPU workers use tcp.",
+                "maxItems": 4,
+                "items": {"type": "string", "enum": PROTOCOLS},
+            },
             "env": _env(),
         },
     }

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from distributed.core import rpc
 
+from hpc_bridge.scripts import RenderContext
+
 from .planning import DaskView, WorkerView
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,8 @@ async def retire(address: str, worker_names: list[str]) -> set[str]:
     return {str(info.get("name", addr)) for addr, info in (retired or {}).items()}
 
 
-def remove_stale_scheduler_file(path: str) -> None:
+def remove_stale_scheduler_files(ctx: RenderContext) -> None:
     """Before a new scheduler job, so workers never find the previous scheduler's address."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    for protocol in ctx.protocols:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ctx.scheduler_file_for(protocol))

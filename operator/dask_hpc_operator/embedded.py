@@ -17,8 +17,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .constants import KIND_CLUSTER
-from .reconcile import ClusterReconciler, Runtime
+from .constants import KIND_CLUSTER, KIND_WORKER_GROUP
+from .reconcile import GroupReconciler, Runtime
 from .validation import ManifestError, validate
 
 LOOP_PERIOD_S = 0.5
@@ -42,17 +42,28 @@ def prepare(docs: list[dict[str, Any]], backend: str | None) -> list[Resource]:
     resources = []
     for doc in docs:
         valid = validate(doc)
-        if valid["kind"] != KIND_CLUSTER:
+        if valid["kind"] not in (KIND_CLUSTER, KIND_WORKER_GROUP):
             raise ManifestError("kind", f"{valid['kind']} is not handled by `up` in this "
-                                "version", "run DaskCluster manifests")
+                                "version", "run DaskCluster and DaskWorkerGroup manifests")
         meta = valid.setdefault("metadata", {})
         meta.setdefault("namespace", "default")
         meta["uid"] = str(uuid.uuid4())
         meta["generation"] = 1
-        if backend:
+        if backend and valid["kind"] == KIND_CLUSTER:
             valid["spec"]["backend"] = backend
         resources.append(Resource(valid))
-    return resources
+    # Clusters first: a group's reconcile reads its cluster's status.
+    return sorted(resources, key=lambda r: r.manifest["kind"] != KIND_CLUSTER)
+
+
+def _cluster_of(group: Resource, resources: list[Resource]) -> dict[str, Any] | None:
+    meta = group.manifest["metadata"]
+    for r in resources:
+        m = r.manifest["metadata"]
+        if r.manifest["kind"] == KIND_CLUSTER and m["name"] == group.manifest["spec"][
+                "cluster"] and m["namespace"] == meta["namespace"]:
+            return {**r.manifest, "status": r.status}
+    return None
 
 
 class Progress:
@@ -79,14 +90,15 @@ def _ready(resource: Resource) -> bool:
     return resource.status.get("phase") == "Running"
 
 
-async def _teardown(reconciler: ClusterReconciler, resources: list[Resource],
+async def _teardown(reconciler: GroupReconciler, resources: list[Resource],
                     progress: Progress) -> bool:
     progress.say("tearing down: cancelling every job of " +
                  ", ".join(r.key for r in resources))
     deadline = time.monotonic() + TEARDOWN_TIMEOUT_S
     pending = list(resources)
     while pending and time.monotonic() < deadline:
-        pending = [r for r in pending if await reconciler.teardown(r.manifest)]
+        pending = [r for r in pending if await reconciler.teardown(
+            r.manifest, whole_cluster=r.manifest["kind"] == KIND_CLUSTER)]
         if pending:
             await asyncio.sleep(1.0)
     for backend in reconciler.runtime.backends.values():
@@ -110,7 +122,7 @@ async def _run_command(command: list[str], resources: list[Resource]) -> int:
 async def up(runtime: Runtime, resources: list[Resource], command: list[str] | None = None,
              out: TextIO = sys.stdout) -> int:
     """Reconcile until interrupted (or until `command` has run); then tear down."""
-    reconciler = ClusterReconciler(runtime)
+    reconciler = GroupReconciler(runtime)  # reconciles clusters too
     progress = Progress(out)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -122,7 +134,12 @@ async def up(runtime: Runtime, resources: list[Resource], command: list[str] | N
     try:
         while not stop.is_set():
             for r in resources:
-                r.status.update(await reconciler.reconcile(r.manifest, r.status))
+                if r.manifest["kind"] == KIND_CLUSTER:
+                    new = await reconciler.reconcile(r.manifest, r.status)
+                else:
+                    new = await reconciler.reconcile_group(r.manifest, r.status,
+                                                           _cluster_of(r, resources))
+                r.status.update(new)
                 r.status = {k: v for k, v in r.status.items() if v is not None}
                 progress.show(r)
                 if _ready(r) and r.key not in announced:
@@ -131,7 +148,7 @@ async def up(runtime: Runtime, resources: list[Resource], command: list[str] | N
                                  f", dashboard {r.status.get('dashboardURL') or '-'}")
                     if command is None:
                         progress.say("press Ctrl-C to tear the cluster down")
-                if r.status.get("phase") == "Failed":
+                if r.status.get("phase") == "Failed" and r.manifest["kind"] == KIND_CLUSTER:
                     exit_code = 1
                     stop.set()
             if command is not None and runner is None and all(map(_ready, resources)):

@@ -13,8 +13,8 @@ from typing import Any
 
 import kopf
 
-from .constants import FINALIZER, GROUP, KIND_CLUSTER, VERSION, plural
-from .reconcile import ClusterReconciler, Runtime
+from .constants import FINALIZER, GROUP, KIND_CLUSTER, KIND_WORKER_GROUP, VERSION, plural
+from .reconcile import ClusterReconciler, GroupReconciler, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,10 @@ def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = No
 
     async def delete_cluster(body: kopf.Body, **_: Any) -> None:
         manifest = {"metadata": dict(body.metadata), "spec": dict(body.spec)}
-        remaining = await reconciler.teardown(manifest)
+        # The cluster's worker groups lose their scheduler: their jobs end with it. (With a
+        # real API server the groups themselves are garbage-collected through the owner
+        # references set below.)
+        remaining = await reconciler.teardown(manifest, whole_cluster=True)
         if remaining:
             raise kopf.TemporaryError(f"waiting for jobs {', '.join(remaining)} to end",
                                       delay=2)
@@ -58,6 +61,46 @@ def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = No
         settings.posting.level = logging.INFO
         settings.watching.server_timeout = 60
         settings.watching.client_timeout = 90
+
+    groups = GroupReconciler(runtime)
+    group_resource = (GROUP, VERSION, plural(KIND_WORKER_GROUP))
+
+    def clusters_by_name(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+        key = (body.metadata.get("namespace") or "default", str(body.metadata.get("name")))
+        return {key: {"apiVersion": body.get("apiVersion"),
+                                    "kind": body.get("kind"), "metadata": dict(body.metadata),
+                                    "spec": dict(body.spec), "status": dict(body.status)}}
+
+    async def reconcile_group(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
+        if body.metadata.get("deletionTimestamp"):
+            return
+        index: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["clusters_by_name"]
+        key = (str(body.metadata.get("namespace") or "default"), str(body.spec.get("cluster")))
+        cluster: dict[str, Any] | None = next(iter(index.get(key, [])), None)
+        manifest = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+                    "metadata": dict(body.metadata), "spec": dict(body.spec)}
+        status = await groups.reconcile_group(manifest, dict(body.status), cluster,
+                                              _event_sink(body))
+        patch.status.update(status)
+        if cluster is not None and not body.metadata.get("ownerReferences"):
+            meta = cluster["metadata"]
+            patch.metadata["ownerReferences"] = [{
+                "apiVersion": cluster["apiVersion"], "kind": KIND_CLUSTER,
+                "name": meta["name"], "uid": meta["uid"], "blockOwnerDeletion": True}]
+
+    async def delete_group(body: kopf.Body, **_: Any) -> None:
+        remaining = await groups.teardown({"metadata": dict(body.metadata), "spec": {}})
+        if remaining:
+            raise kopf.TemporaryError(f"waiting for jobs {', '.join(remaining)} to end",
+                                      delay=2)
+
+    kopf.index(*resource, registry=registry, id="clusters_by_name")(clusters_by_name)
+    for cause, decorator in (("create", kopf.on.create), ("update", kopf.on.update),
+                             ("resume", kopf.on.resume)):
+        decorator(*group_resource, registry=registry, id=f"reconcile-{cause}")(reconcile_group)
+    kopf.timer(*group_resource, registry=registry, id="poll", interval=interval,
+               idle=None)(reconcile_group)
+    kopf.on.delete(*group_resource, registry=registry, id="teardown")(delete_group)
 
     kopf.on.startup(registry=registry)(configure)
     for cause, decorator in (("create", kopf.on.create), ("update", kopf.on.update),

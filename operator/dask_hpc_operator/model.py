@@ -16,6 +16,10 @@ def _env(items: list[dict[str, str]] | None) -> tuple[tuple[str, str], ...]:
 
 
 def worker_template(worker: dict[str, Any]) -> JobTemplate:
+    cuda = worker.get("cuda") or {}
+    resources = dict(worker.get("resources") or {})
+    if cuda.get("enabled"):
+        resources.setdefault("GPU", 1)  # each `dask cuda worker` process owns one GPU
     return JobTemplate(
         cores=worker["cores"],
         memory=worker["memory"],
@@ -28,7 +32,11 @@ def worker_template(worker: dict[str, Any]) -> JobTemplate:
         prologue=tuple(worker.get("prologue", [])),
         extra_directives=tuple(worker.get("extraDirectives", [])),
         worker_args=tuple(worker.get("workerArgs", [])),
-        resources=tuple(sorted((k, float(v)) for k, v in worker.get("resources", {}).items())),
+        resources=tuple(sorted((k, float(v)) for k, v in resources.items())),
+        cuda=bool(cuda.get("enabled")),
+        rmm_pool_size=cuda.get("rmmPoolSize"),
+        device_memory_limit=cuda.get("deviceMemoryLimit"),
+        protocol=cuda.get("protocol") if cuda.get("enabled") else None,
     )
 
 
@@ -49,6 +57,16 @@ class GroupModel:
     owner_uid: str  # the cluster's uid for the default group, the DaskWorkerGroup's otherwise
     replicas: int
     template: JobTemplate
+    packing: str = "auto"  # auto | array | single
+
+    @classmethod
+    def from_worker(cls, name: str, owner_uid: str, worker: dict[str, Any]) -> GroupModel:
+        return cls(name, owner_uid, worker["replicas"], worker_template(worker),
+                   worker.get("packing", "auto"))
+
+    @property
+    def resource_names(self) -> list[str]:
+        return [name for name, _ in self.template.resources]
 
 
 @dataclass(frozen=True)
@@ -57,7 +75,7 @@ class ClusterModel:
     name: str
     uid: str
     backend: str
-    protocol: str
+    protocols: tuple[str, ...]  # the scheduler's listeners; the first is the primary
     scheduler: JobTemplate
     groups: tuple[GroupModel, ...]
 
@@ -67,15 +85,18 @@ class ClusterModel:
         meta = manifest["metadata"]
         spec = manifest["spec"]
         uid = meta["uid"]
+        default = GroupModel.from_worker(DEFAULT_GROUP_NAME, uid, spec["worker"])
+        protocols = [spec["scheduler"]["protocol"], *spec["scheduler"].get("extraProtocols", [])]
+        if default.template.protocol:
+            protocols.append(default.template.protocol)  # the default group's GPU listener
         return cls(
             namespace=meta.get("namespace") or "default",
             name=meta["name"],
             uid=uid,
             backend=spec.get("backend") or site.backend,
-            protocol=spec["scheduler"]["protocol"],
+            protocols=tuple(dict.fromkeys(protocols)),
             scheduler=scheduler_template(spec["scheduler"]),
-            groups=(GroupModel(DEFAULT_GROUP_NAME, uid, spec["worker"]["replicas"],
-                               worker_template(spec["worker"])),),
+            groups=(default,),
         )
 
     @property

@@ -131,23 +131,29 @@ def plan_cluster(model: ClusterModel, jobs: Sequence[ObservedJob], dask: DaskVie
     for extra in sorted(live_sched, key=lambda j: j.identity.index)[1:]:
         plan.cancel.append(extra.job_id)  # two schedulers can only come from a lost race
     for group in model.groups:
-        group_jobs = _group_jobs(jobs, group)
-        live = [j for j in group_jobs if j.state.live]
-        missing = group.replicas - len(live)
-        if missing > 0:
-            failures = [j for j in group_jobs if j.state is JobState.FAILED]
-            connected = dask is not None and any(dask.workers_of(j) for j in live)
-            if len(failures) >= MAX_VISIBLE_FAILURES and not connected:
-                plan.notes.append(f"group {group.name}: {len(failures)} worker jobs failed "
-                                  "in a row; not resubmitting until one succeeds or the spec "
-                                  "changes")
-                continue
-            start = _next_index(group_jobs)
-            plan.submit += [JobIdentity(model.namespace, model.name, group.owner_uid,
-                                        Role.WORKER, group.name, start + i)
-                            for i in range(missing)]
-        elif missing < 0:
-            _plan_scale_down(live, -missing, dask, plan)
+        plan_group(model.namespace, model.name, group, jobs, dask, plan)
+    return plan
+
+
+def plan_group(namespace: str, cluster: str, group: GroupModel, jobs: Sequence[ObservedJob],
+               dask: DaskView | None, plan: Plan) -> Plan:
+    """One worker group's part of a plan (the default group, or a DaskWorkerGroup)."""
+    group_jobs = _group_jobs(jobs, group)
+    live = [j for j in group_jobs if j.state.live]
+    missing = group.replicas - len(live)
+    if missing > 0:
+        failures = [j for j in group_jobs if j.state is JobState.FAILED]
+        connected = dask is not None and any(dask.workers_of(j) for j in live)
+        if len(failures) >= MAX_VISIBLE_FAILURES and not connected:
+            plan.notes.append(f"group {group.name}: {len(failures)} worker jobs failed "
+                              "in a row; not resubmitting until one succeeds or the spec "
+                              "changes")
+            return plan
+        start = _next_index(group_jobs)
+        plan.submit += [JobIdentity(namespace, cluster, group.owner_uid, Role.WORKER,
+                                    group.name, start + i) for i in range(missing)]
+    elif missing < 0:
+        _plan_scale_down(live, -missing, dask, plan)
     return plan
 
 
@@ -244,12 +250,49 @@ def cluster_status(model: ClusterModel, jobs: Sequence[ObservedJob], dask: DaskV
         "workers": {"desired": desired, "pending": pending, "running": running,
                     "ready": ready},
         "backend": model.backend,
+        "resources": sorted({r for g in model.groups for r in g.resource_names}),
         "schedulerJobId": sched_job.job_id if sched_job else None,
         "schedulerAddress": dask.address if dask else None,
         "dashboardURL": dask.dashboard_url if dask else None,
         "conditions": merge_conditions(old_conditions, conditions, now),
     }
     return status
+
+
+def group_status(group: GroupModel, jobs: Sequence[ObservedJob], dask: DaskView | None,
+                 plan: Plan, cluster_problem: str, old_conditions: Sequence[dict[str, Any]],
+                 now: str) -> dict[str, Any]:
+    """Status of a DaskWorkerGroup; `cluster_problem` says why its cluster cannot serve it."""
+    counts = group_counts(group, jobs, dask)
+    group_jobs = [j for j in jobs if j.identity.role is Role.WORKER]
+    if cluster_problem:
+        phase, message = "Pending", cluster_problem
+    elif counts.ready == counts.desired and counts.pending + counts.running == counts.desired:
+        phase, message = "Running", f"{counts.ready}/{counts.desired} workers ready"
+    else:
+        phase = "Scaling" if dask is not None else "Pending"
+        message = f"{counts.ready}/{counts.desired} workers ready"
+        if counts.pending:
+            message += f", {counts.pending} queued{_waiting_reason(group_jobs)}"
+    if plan.notes:
+        message += "; " + "; ".join(plan.notes)
+    conditions = [
+        _condition("Accepted", True, "Valid", "the manifest is valid"),
+        _condition("ClusterReady", not cluster_problem,
+                   "Waiting" if cluster_problem else "Found",
+                   cluster_problem or "the cluster's scheduler is known"),
+        _condition("WorkersReady", dask is not None and counts.ready >= counts.desired,
+                   "AllReady" if counts.ready >= counts.desired else "Waiting",
+                   f"{counts.ready}/{counts.desired} workers connected to the scheduler"),
+    ]
+    return {
+        "phase": phase,
+        "message": message,
+        "replicas": counts.pending + counts.running,
+        "workers": counts.as_dict(),
+        "resources": group.resource_names,
+        "conditions": merge_conditions(old_conditions, conditions, now),
+    }
 
 
 def rejected_status(error: str, old_conditions: Sequence[dict[str, Any]],

@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,19 @@ from hpc_bridge.backends.local import LocalBackend
 from hpc_bridge.backends.slurm import SlurmBackend
 from hpc_bridge.model import JobIdentity, JobRequest, JobState, ObservedJob, Role
 from hpc_bridge.poller import BatchedPoller, BatchSystemUnavailable
-from hpc_bridge.scripts import RenderContext, render
+from hpc_bridge.scripts import LISTENERS_PRELOAD, RenderContext, render, render_worker
 
 from . import dask_rpc
-from .model import ClusterModel
-from .planning import DaskView, Plan, cluster_status, plan_cluster, rejected_status
+from .model import ClusterModel, GroupModel
+from .planning import (
+    DaskView,
+    Plan,
+    cluster_status,
+    group_status,
+    plan_cluster,
+    plan_group,
+    rejected_status,
+)
 from .site_config import SiteConfig
 from .validation import ManifestError, validate
 
@@ -90,7 +98,7 @@ class ClusterReconciler:
             python=self.runtime.site.python,
             scheduler_file=str(staging / "scheduler.json"),
             log_dir=str(staging / "logs"),
-            protocol=model.protocol,
+            protocols=model.protocols,
             site_prologue=self.runtime.site.prologue,
             death_timeout=self.runtime.site.worker_death_timeout,
         )
@@ -100,13 +108,10 @@ class ClusterReconciler:
         model = ClusterModel.from_manifest(validate(manifest), self.runtime.site)
         plan = plan_cluster(model, [], None)
         ctx = self._context(model)
-        return [render(ctx, i, self._template(model, i)) for i in plan.submit]
-
-    @staticmethod
-    def _template(model: ClusterModel, identity: JobIdentity) -> Any:
-        if identity.role is Role.SCHEDULER:
-            return model.scheduler
-        return next(g.template for g in model.groups if g.name == identity.group)
+        sched = [render(ctx, i, model.scheduler) for i in plan.submit if i.role is Role.SCHEDULER]
+        workers = [i for i in plan.submit if i.role is Role.WORKER]
+        return sched + self._worker_requests(model, ctx, workers, self.runtime.backend(
+            model.backend))
 
     async def reconcile(self, manifest: dict[str, Any], old_status: dict[str, Any],
                         events: EventSink = _no_events) -> dict[str, Any]:
@@ -183,24 +188,32 @@ class ClusterReconciler:
         errors: list[str] = []
         submitted: list[str] = []
 
-        async def one(identity: JobIdentity) -> None:
-            if identity.role is Role.SCHEDULER:
-                dask_rpc.remove_stale_scheduler_file(ctx.scheduler_file)
-            request = render(ctx, identity, self._template(model, identity))
+        async def one(request: JobRequest) -> None:
             async with gate:
                 try:
                     job_id = await poller.backend.submit(request)
                 except BatchSystemError as exc:
                     errors.append(str(exc))
                     return
-            poller.record_submitted(ObservedJob(job_id, identity, JobState.PENDING, "submitted"))
+            if request.array:
+                for task in request.task_identities():
+                    poller.record_submitted(ObservedJob(f"{job_id}_{task.index}", task,
+                                                        JobState.PENDING, "submitted"))
+            else:
+                poller.record_submitted(ObservedJob(job_id, request.identity,
+                                                    JobState.PENDING, "submitted"))
             submitted.append(job_id)
 
         Path(ctx.log_dir).mkdir(parents=True, exist_ok=True)
         # Scheduler first: its file appears sooner, and workers wait for it anyway.
         for identity in [i for i in identities if i.role is Role.SCHEDULER]:
-            await one(identity)
-        await asyncio.gather(*(one(i) for i in identities if i.role is not Role.SCHEDULER))
+            dask_rpc.remove_stale_scheduler_files(ctx)
+            if len(ctx.protocols) > 1:
+                Path(ctx.preload_path).write_text(LISTENERS_PRELOAD)
+            await one(render(ctx, identity, model.scheduler))
+        workers = [i for i in identities if i.role is Role.WORKER]
+        await asyncio.gather(*(one(r) for r in self._worker_requests(model, ctx, workers,
+                                                                    poller.backend)))
         if submitted:
             events("Normal", "Submitted", f"submitted jobs {', '.join(sorted(submitted))}")
         if errors:
@@ -208,24 +221,114 @@ class ClusterReconciler:
             return [f"submission failed: {errors[0]}"]
         return []
 
-    async def teardown(self, manifest: dict[str, Any]) -> list[str]:
-        """Cancel every job of the cluster; returns the ids still live (empty when done)."""
+    @staticmethod
+    def _worker_requests(model: ClusterModel, ctx: RenderContext,
+                         identities: list[JobIdentity], backend: Backend) -> list[JobRequest]:
+        """Packing: a group's new workers go in ONE job array where the batch system has
+        arrays (unless the group asks for single jobs); otherwise one job each."""
+        requests = []
+        for group in model.groups:
+            mine = [i for i in identities if i.group == group.name
+                    and i.owner_uid == group.owner_uid]
+            if not mine:
+                continue
+            pack = group.packing == "array" or (group.packing == "auto" and len(mine) > 1)
+            if pack and backend.supports_arrays:
+                indices = tuple(i.index for i in mine)
+                requests.append(render_worker(ctx, mine[0], group.template, indices))
+            else:
+                requests += [render_worker(ctx, i, group.template) for i in mine]
+        return requests
+
+    async def teardown(self, manifest: dict[str, Any], whole_cluster: bool = False) -> list[str]:
+        """Cancel every job the resource owns (with `whole_cluster`, also its worker groups'
+        jobs); returns the ids still not finished (empty when done)."""
         meta = manifest["metadata"]
         uid = meta["uid"]
+        namespace = meta.get("namespace") or "default"
         spec = manifest.get("spec") or {}
-        kind = spec.get("backend") or self.runtime.site.backend
-        poller = self.runtime.poller(kind)
+
+        def mine(job: ObservedJob) -> bool:
+            return job.identity.owner_uid == uid or (
+                whole_cluster and job.identity.namespace == namespace
+                and job.identity.cluster == meta["name"])
+
+        kinds = dict.fromkeys([spec.get("backend") or self.runtime.site.backend,
+                               *self.runtime.pollers])
+        remaining: list[str] = []
         async with self.runtime.lock(uid):
-            snapshot = await poller.refresh()
-            live = [j.job_id for j in snapshot.owned_by(uid) if j.state.live]
-            if live:
-                await poller.backend.cancel(live)
-                poller.record_cancelled(live)
-            snapshot = await poller.refresh()
-            # ENDING counts: a job is gone only once its processes are.
-            remaining = [j.job_id for j in snapshot.owned_by(uid) if not j.state.terminal]
-            if not remaining:
-                staging = self.runtime.staging_dir(meta.get("namespace") or "default",
-                                                   meta["name"], uid)
-                shutil.rmtree(staging, ignore_errors=True)
+            for kind in kinds:
+                poller = self.runtime.poller(kind)
+                snapshot = await poller.refresh()
+                live = [j.job_id for j in snapshot.jobs.values() if mine(j) and j.state.live]
+                if live:
+                    await poller.backend.cancel(live)
+                    poller.record_cancelled(live)
+                    snapshot = await poller.refresh()
+                # ENDING counts: a job is gone only once its processes are.
+                remaining += [j.job_id for j in snapshot.jobs.values()
+                              if mine(j) and not j.state.terminal]
+            if not remaining and whole_cluster:
+                shutil.rmtree(self.runtime.staging_dir(namespace, meta["name"], uid),
+                              ignore_errors=True)
             return remaining
+
+
+class GroupReconciler(ClusterReconciler):
+    """A DaskWorkerGroup: its own replicas and jobs, the scheduler of the cluster it names."""
+
+    async def reconcile_group(self, manifest: dict[str, Any], old_status: dict[str, Any],
+                              cluster: dict[str, Any] | None,
+                              events: EventSink = _no_events) -> dict[str, Any]:
+        old_conditions = old_status.get("conditions") or []
+        try:
+            valid = validate(manifest)
+        except ManifestError as exc:
+            return rejected_status(str(exc), old_conditions, now_iso())
+        meta = valid["metadata"]
+        group = GroupModel.from_worker(meta["name"], meta["uid"], valid["spec"]["worker"])
+        cluster_name = valid["spec"]["cluster"]
+        namespace = meta.get("namespace") or "default"
+        problem, cmodel = self._cluster_problem(group, cluster_name, namespace, cluster)
+        if cmodel is None:
+            # No cluster to serve the group: end any jobs it still has (they are orphans).
+            await self.teardown(manifest)
+            return group_status(group, [], None, Plan(), problem, old_conditions, now_iso())
+        model = replace(cmodel, groups=(group,))
+        poller = self.runtime.poller(model.backend)
+        async with self.runtime.lock(group.owner_uid):
+            try:
+                snapshot = await poller.get()
+            except BatchSystemUnavailable as exc:
+                return {"message": f"batch system unavailable, retrying: {exc}",
+                        "conditions": old_conditions}
+            jobs = snapshot.owned_by(group.owner_uid)
+            ctx = self._context(model)
+            dask = await dask_rpc.observe(ctx.scheduler_file)
+            plan = Plan()
+            if not problem:
+                plan_group(namespace, cluster_name, group, jobs, dask, plan)
+                plan.notes += await self._act(model, ctx, plan, dask, poller, events)
+                if not plan.empty:
+                    jobs = poller.snapshot.owned_by(group.owner_uid)
+        status = group_status(group, jobs, dask, plan, problem, old_conditions, now_iso())
+        status["observedGeneration"] = meta.get("generation")
+        if status["phase"] != old_status.get("phase"):
+            events("Normal", status["phase"], status["message"])
+        return status
+
+    def _cluster_problem(self, group: GroupModel, name: str, namespace: str,
+                         cluster: dict[str, Any] | None) -> tuple[str, ClusterModel | None]:
+        if cluster is None or cluster.get("metadata", {}).get("deletionTimestamp"):
+            return (f"waiting for DaskCluster {namespace}/{name}, which does not exist", None)
+        try:
+            cmodel = ClusterModel.from_manifest(validate(cluster), self.runtime.site)
+        except ManifestError as exc:
+            return f"DaskCluster {name} is invalid: {exc}", None
+        if (cluster.get("status") or {}).get("phase") == "Failed":
+            return f"DaskCluster {name} has failed", cmodel
+        protocol = group.template.protocol
+        if protocol and protocol not in cmodel.protocols:
+            return (f"the scheduler of DaskCluster {name} does not listen on {protocol}: add "
+                    f"{protocol} to its spec.scheduler.extraProtocols", cmodel)
+        return "", cmodel

@@ -96,7 +96,10 @@ def test_invalid_manifest_exits_2_and_submits_nothing(config: Path, tmp_path: Pa
 def test_render_prints_scripts_and_refuses_bad_input(config: Path, tmp_path: Path) -> None:
     result = run(["render", "-f", "examples/cluster-slurm.yaml"], config)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("#SBATCH --comment=dask-hpc:v1:default:analysis:") == 5
+    # Scheduler + ONE job array for the four workers (packing).
+    assert result.stdout.count("#SBATCH --comment=dask-hpc:v1:default:analysis:") == 2
+    assert "#SBATCH --array=0-3" in result.stdout
+    assert "--name dask.default.analysis.default.${SLURM_ARRAY_TASK_ID}" in result.stdout
     assert "distributed.cli.dask_scheduler" in result.stdout
     assert "#SBATCH --cpus-per-task=4" in result.stdout
     bad = tmp_path / "bad.yaml"

@@ -124,7 +124,7 @@ def test_slurm_minimal_template_has_no_optional_lines() -> None:
 
 
 def test_worker_protocol_and_death_timeout() -> None:
-    script = render_worker(ctx(protocol="ucx", death_timeout=60), WORKER, JobTemplate()).script
+    script = render_worker(ctx(protocols=("ucx",), death_timeout=60), WORKER, JobTemplate()).script
     argv = shlex.split(last_line(script))
     assert argv[argv.index("--protocol") + 1] == "ucx"
     assert argv[argv.index("--death-timeout") + 1] == "60"
@@ -177,7 +177,7 @@ def test_scheduler_file_with_space_is_quoted() -> None:
 
 
 def test_scheduler_command_protocol() -> None:
-    assert scheduler_command(ctx(protocol="tls")).endswith(" --protocol tls")
+    assert scheduler_command(ctx(protocols=("tls",))).endswith(" --protocol tls")
     assert "--protocol" not in scheduler_command(ctx())
 
 

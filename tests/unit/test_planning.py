@@ -27,7 +27,7 @@ LATER = "2024-01-01T01:00:00Z"
 
 def model(replicas: int = 2, *groups: GroupModel) -> ClusterModel:
     return ClusterModel(
-        namespace=NS, name=NAME, uid=UID, backend="slurm", protocol="tcp",
+        namespace=NS, name=NAME, uid=UID, backend="slurm", protocols=("tcp",),
         scheduler=JobTemplate(), groups=groups or (GroupModel("default", UID, replicas,
                                                               JobTemplate()),))
 

@@ -77,14 +77,14 @@ def test_blank_state_is_running() -> None:
 # --- parse_squeue --------------------------------------------------------------------------
 
 SQUEUE_OUTPUT = "\n".join([
-    f"12|PENDING|Priority|{C}:worker:default:0",
-    f"13|RUNNING|None|{C}:worker:default:1",
-    "99|RUNNING|None|(null)",
-    f"14_2|RUNNING|None|{C}:worker:default:2",
-    f"14_[3-5]|PENDING|JobArrayTaskLimit|{C}:worker:default:3",
-    "100|PENDING|Resources|someone's | comment | with pipes",
-    f"15|PENDING|Resources|{C}:scheduler:default:0",
-    f"16|COMPLETING|None|{C}:worker:default:4",
+    f"12|PENDING|Priority|N/A|{C}:worker:default:0",
+    f"13|RUNNING|None|N/A|{C}:worker:default:1",
+    "99|RUNNING|None|N/A|(null)",
+    f"14_2|RUNNING|None|2|{C}:worker:default:2",
+    f"14_[3-5]|PENDING|JobArrayTaskLimit|3-5%2|{C}:worker:default:2",
+    "100|PENDING|Resources|N/A|someone's | comment | with pipes",
+    f"15|PENDING|Resources|N/A|{C}:scheduler:default:0",
+    f"16|COMPLETING|None|N/A|{C}:worker:default:4",
     "garbage line without separators",
     "",
 ]) + "\n"
@@ -92,14 +92,17 @@ SQUEUE_OUTPUT = "\n".join([
 
 def test_parse_squeue() -> None:
     jobs = {j.job_id: j for j in parse_squeue(SQUEUE_OUTPUT)}
-    assert sorted(jobs) == ["12", "13", "14_2", "14_[3-5]", "15", "16"]
+    assert sorted(jobs) == ["12", "13", "14_2", "14_3", "14_4", "14_5", "15", "16"]
     assert jobs["12"].state is JobState.PENDING
     assert jobs["12"].reason == "Priority"
     assert jobs["12"].identity == ident(index=0)
     assert jobs["13"].state is JobState.RUNNING
     assert jobs["13"].reason == ""  # squeue's "None" is no reason
     assert jobs["14_2"].identity == ident(index=2)
-    assert jobs["14_[3-5]"].reason == "JobArrayTaskLimit"
+    # A pending array's tasks share one line; each becomes its own job with its own index.
+    assert [jobs[f"14_{i}"].identity.index for i in (3, 4, 5)] == [3, 4, 5]
+    assert jobs["14_4"].reason == "JobArrayTaskLimit"
+    assert jobs["14_4"].state is JobState.PENDING
     assert jobs["15"].identity.role is Role.SCHEDULER
     assert jobs["16"].state is JobState.ENDING
 
@@ -107,12 +110,12 @@ def test_parse_squeue() -> None:
 def test_parse_squeue_comment_with_pipe_keeps_columns() -> None:
     # The comment is the last field and split at most 3 times: a '|' in it cannot shift
     # the other columns; an identity followed by junk is not ours.
-    text = f"20|RUNNING|None|{C}:worker:default:0|junk\n21|RUNNING|None|a|b|c\n"
+    text = f"20|RUNNING|None|N/A|{C}:worker:default:0|junk\n21|RUNNING|None|N/A|a|b|c\n"
     assert parse_squeue(text) == []
 
 
 def test_parse_squeue_strips_padding() -> None:
-    jobs = parse_squeue(f"  12 |PENDING |Priority | {C}:worker:default:0 \n")
+    jobs = parse_squeue(f"  12 |PENDING |Priority | N/A | {C}:worker:default:0 \n")
     assert [(j.job_id, j.state, j.reason) for j in jobs] == [
         ("12", JobState.PENDING, "Priority")]
 
@@ -203,7 +206,7 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSlurm:
 
 
 def squeue_lines(*rows: tuple[str, str, str, int]) -> str:
-    return "".join(f"{jid}|{state}|{reason}|{C}:worker:default:{i}\n"
+    return "".join(f"{jid}|{state}|{reason}|N/A|{C}:worker:default:{i}\n"
                    for jid, state, reason, i in rows)
 
 
@@ -211,7 +214,7 @@ async def test_poll_is_one_squeue_call(fake: FakeSlurm) -> None:
     fake.set("squeue", SQUEUE_OUTPUT)
     backend = SlurmBackend()
     jobs = await backend.poll()
-    assert len(jobs) == 6
+    assert len(jobs) == 8  # the pending array line is three tasks
     calls = fake.calls()
     assert calls == [["squeue", "--noheader", "--states=all", f"--format={SQUEUE_FORMAT}",
                       "--me"]]

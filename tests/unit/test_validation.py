@@ -96,7 +96,7 @@ def test_full_cluster_is_valid() -> None:
     model = ClusterModel.from_manifest(valid, SiteConfig())
     assert model.namespace == "team-a"
     assert model.backend == "slurm"
-    assert model.protocol == "ucx"
+    assert model.protocols[0] == "ucx"
     (g,) = model.groups
     assert g.replicas == 4 and g.owner_uid == "abc"
     assert g.template.env == (("OMP_NUM_THREADS", "1"), ("GREETING", "hello world, it's me"),

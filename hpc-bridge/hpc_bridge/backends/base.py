@@ -20,6 +20,7 @@ class BatchSystemError(RuntimeError):
 
 class Backend(Protocol):
     kind: str
+    supports_arrays: bool  # submit() accepts JobRequest.array (one submission, many tasks)
 
     async def submit(self, request: JobRequest) -> str:
         """Submit one job; returns its id."""

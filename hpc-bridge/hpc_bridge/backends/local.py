@@ -38,6 +38,7 @@ def _proc_start_time(pid: int) -> str | None:
 
 class LocalBackend:
     kind = "local"
+    supports_arrays = False  # every task is its own process anyway
 
     def __init__(self, state_dir: str | os.PathLike[str]) -> None:
         self.jobs_dir = Path(state_dir) / "jobs"

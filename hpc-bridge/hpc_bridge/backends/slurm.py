@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Sequence
 
-from ..model import JobIdentity, JobRequest, JobState, ObservedJob
+from ..model import JobIdentity, JobRequest, JobState, ObservedJob, expand_ranges
 from .base import BatchSystemError, CommandRunner
 
 log = logging.getLogger(__name__)
@@ -25,8 +25,9 @@ STATES: dict[str, JobState] = {
                      "SPECIAL_EXIT"], JobState.FAILED),
 }
 
-# One line per job; the comment goes last because it is the only free-form field.
-SQUEUE_FORMAT = "%i|%T|%r|%k"
+# One line per job (a pending array's tasks share one line); the comment goes last because
+# it is the only free-form field. %K is the array task id or list ("N/A" for plain jobs).
+SQUEUE_FORMAT = "%i|%T|%r|%K|%k"
 SACCT_FIELDS = "JobID,State,ExitCode"
 
 
@@ -38,17 +39,27 @@ def parse_state(word: str) -> JobState:
 
 
 def parse_squeue(text: str) -> list[ObservedJob]:
+    """One ObservedJob per job or array task; a task's index is its array task id (the
+    array's comment names only the first)."""
     jobs = []
     for line in text.splitlines():
-        parts = line.split("|", 3)
-        if len(parts) != 4:
+        parts = line.split("|", 4)
+        if len(parts) != 5:
             continue
-        job_id, state, reason, comment = (p.strip() for p in parts)
+        job_id, state, reason, tasks, comment = (p.strip() for p in parts)
         identity = JobIdentity.parse(comment)
         if identity is None:
             continue
-        jobs.append(ObservedJob(job_id=job_id, identity=identity, state=parse_state(state),
-                                reason="" if reason == "None" else reason))
+        job_state = parse_state(state)
+        why = "" if reason == "None" else reason
+        if tasks in ("N/A", ""):
+            jobs.append(ObservedJob(job_id, identity, job_state, why))
+            continue
+        base = job_id.split("_", 1)[0]
+        for index in expand_ranges(tasks):
+            task = JobIdentity(identity.namespace, identity.cluster, identity.owner_uid,
+                               identity.role, identity.group, index)
+            jobs.append(ObservedJob(f"{base}_{index}", task, job_state, why))
     return jobs
 
 
@@ -75,6 +86,7 @@ def parse_sacct(text: str) -> dict[str, tuple[JobState, int | None, str]]:
 
 class SlurmBackend:
     kind = "slurm"
+    supports_arrays = True
 
     def __init__(self, runner: CommandRunner | None = None, all_users: bool = False) -> None:
         self.runner = runner or CommandRunner()
@@ -90,7 +102,7 @@ class SlurmBackend:
         job_id = out.strip().split(";")[0]
         if not job_id:
             raise BatchSystemError(f"sbatch printed no job id: {out!r}")
-        return job_id
+        return job_id  # for an array, tasks are <job_id>_<index>
 
     async def poll(self) -> list[ObservedJob]:
         argv = ["squeue", "--noheader", "--states=all", f"--format={SQUEUE_FORMAT}"]

@@ -7,12 +7,12 @@
 #
 # Environment knobs:
 #   SLURM_UP_TIMEOUT  seconds to wait for each readiness condition (default 120)
-#   SLURM_NODE_CPUS   CPUs the node declares (default 16, may exceed the host's)
+#   SLURM_NODE_CPUS   CPUs the node declares (default 64, may exceed the host's)
 #   SLURM_NODE_MEM    RealMemory in MB the node declares (default 64000)
 set -euo pipefail
 
 TIMEOUT="${SLURM_UP_TIMEOUT:-120}"
-NODE_CPUS="${SLURM_NODE_CPUS:-16}"
+NODE_CPUS="${SLURM_NODE_CPUS:-64}"
 NODE_MEM="${SLURM_NODE_MEM:-64000}"
 
 CONF_DIR=/etc/slurm

@@ -18,6 +18,13 @@ fi
 
 if [[ "$(id -u)" == 0 ]]; then
   bash scripts/slurm-up.sh
+  # UCX (distributed-ucxx) pins its own dask version, so it gets a venv of its own; the
+  # UCX test runs `dask-hpc up` from it. About 300 MB; runs on CPUs over UCX's TCP transport.
+  if [[ ! -x .venv-ucx/bin/dask-hpc ]]; then
+    "$PYTHON" -m venv .venv-ucx
+    .venv-ucx/bin/python -m pip install --quiet --upgrade pip
+  fi
+  .venv-ucx/bin/python -m pip install --quiet -e '.[ucx]' 
 elif [[ "${CI:-}" == "true" ]]; then
   echo "scripts/test.sh: CI needs root to install and start SLURM" >&2
   exit 1

@@ -6,8 +6,14 @@ import asyncio
 import shutil
 import subprocess
 import time
+import uuid
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from dask_hpc_operator.reconcile import GroupReconciler, Runtime
+from dask_hpc_operator.site_config import SiteConfig
+from hpc_bridge.backends.base import CommandRunner
+from hpc_bridge.backends.slurm import SlurmBackend
 
 T = TypeVar("T")
 
@@ -50,3 +56,80 @@ def live_slurm_jobs(uid: str) -> list[str]:
         if uid in comment and state in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING"):
             live.append(job_id)
     return live
+
+
+def manifest(name: str, replicas: int, **worker: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "hpc.dask.org/v1alpha1",
+        "kind": "DaskCluster",
+        "metadata": {"name": name, "namespace": "it", "uid": str(uuid.uuid4()),
+                     "generation": 1},
+        "spec": {"backend": "slurm", "scheduler": {"memory": "1GiB"},
+                 "worker": {"replicas": replicas, "cores": 1, "memory": "1GiB", **worker}},
+    }
+
+
+def group_manifest(name: str, cluster: str, replicas: int, **worker: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "hpc.dask.org/v1alpha1",
+        "kind": "DaskWorkerGroup",
+        "metadata": {"name": name, "namespace": "it", "uid": str(uuid.uuid4()),
+                     "generation": 1},
+        "spec": {"cluster": cluster,
+                 "worker": {"replicas": replicas, "cores": 1, "memory": "1GiB", **worker}},
+    }
+
+
+class Cluster:
+    """A DaskCluster or DaskWorkerGroup manifest plus its status, reconciled like the
+    operator would (a group reads its `cluster`'s manifest and status)."""
+
+    created: list[Cluster] = []
+
+    def __init__(self, runtime: Runtime, body: dict[str, Any],
+                 cluster: Cluster | None = None) -> None:
+        self.reconciler = GroupReconciler(runtime)
+        self.body = body
+        self.cluster = cluster
+        self.deleted = False
+        self.status: dict[str, Any] = {}
+        Cluster.created.append(self)
+
+    @property
+    def is_group(self) -> bool:
+        return bool(self.body["kind"] == "DaskWorkerGroup")
+
+    async def step(self) -> dict[str, Any]:
+        if self.is_group:
+            parent = self.cluster
+            known = None if parent is None or parent.deleted else {**parent.body,
+                                                                    "status": parent.status}
+            new = await self.reconciler.reconcile_group(self.body, self.status, known)
+        else:
+            new = await self.reconciler.reconcile(self.body, self.status)
+        self.status.update(new)
+        return self.status
+
+    async def until(self, phase: str, ready: int, timeout: float = 90) -> dict[str, Any]:
+        async def check() -> dict[str, Any] | None:
+            s = await self.step()
+            assert s["phase"] != "Failed", s["message"]
+            ok = s["phase"] == phase and s["workers"]["ready"] == ready
+            return dict(s) if ok else None
+        return await wait_until(check, timeout, f"{phase} with {ready} ready workers")
+
+    def scale(self, replicas: int) -> None:
+        self.body["spec"]["worker"]["replicas"] = replicas
+        self.body["metadata"]["generation"] += 1
+
+    async def delete(self) -> None:
+        async def gone() -> bool:
+            return not await self.reconciler.teardown(self.body, whole_cluster=not self.is_group)
+        await wait_until(gone, 60, "teardown")
+        self.deleted = True
+        assert live_slurm_jobs(self.body["metadata"]["uid"]) == []
+
+
+def slurm_runtime(site: SiteConfig) -> tuple[Runtime, CommandRunner]:
+    runner = CommandRunner()
+    return Runtime(site, backends={"slurm": SlurmBackend(runner)}), runner

@@ -17,11 +17,14 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
+import dask.config
+from dask.utils import parse_bytes
 from dask_jobqueue.core import Job
 from dask_jobqueue.local import LocalJob
 from dask_jobqueue.pbs import PBSJob
 from dask_jobqueue.slurm import SLURMJob
 
+from .backends.pbs import array_directive, pbs_job_name
 from .model import JobIdentity, JobRequest, JobTemplate, Role, compress_ranges
 
 JOB_CLASSES: dict[str, type[Job]] = {"slurm": SLURMJob, "pbs": PBSJob, "local": LocalJob}
@@ -92,12 +95,63 @@ def _directives(ctx: RenderContext, identity: JobIdentity, template: JobTemplate
         if template.gpus:
             lines.append(f"--gres=gpu:{template.gpus}")
     elif ctx.backend == "pbs":
-        # PBS has no free-form comment at submit time; the identity travels in the job's
-        # variable list, which `qstat -f` reports back.
-        lines = [f"-v DASK_HPC_IDENTITY={identity.comment()}"]
+        lines = pbs_directives(identity, template)
     else:
         lines = []
     return lines + list(template.extra_directives)
+
+
+# --- PBS (Professional / OpenPBS) -------------------------------------------------------------
+
+def pbs_memory(memory: str) -> str:
+    """`16GiB` -> `16gb`: PBS sizes are binary (kb = 1024 bytes); the largest exact unit,
+    else megabytes rounded up."""
+    size = parse_bytes(memory)
+    for unit, factor in (("tb", 2**40), ("gb", 2**30), ("mb", 2**20), ("kb", 2**10)):
+        if size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{-(-size // 2**20)}mb"
+
+
+def _pbs_directives_skip() -> tuple[str, ...]:
+    """The site's jobqueue.yaml `job-directives-skip` (dask-jobqueue applies it to the lines
+    it generates; the lines added here honour it too, except the identity)."""
+    skip = (dask.config.get("jobqueue.pbs.job-directives-skip", None)
+            or dask.config.get("jobqueue.pbs.header-skip", None) or ())
+    return tuple(skip)
+
+
+def pbs_directives(identity: JobIdentity, template: JobTemplate,
+                   array: tuple[int, ...] = ()) -> list[str]:
+    """What PBS needs besides dask-jobqueue's header: `-J` for an array, the project (`-P`,
+    as NCI Gadi uses it; dask-jobqueue's `account` would write `-A`, an accounting string),
+    and the identity. PBS has no free-form comment at submit time, so the identity travels
+    in the job's Variable_List (`-v`), which `qstat -f` reports back; it is never skipped,
+    since adoption after a restart depends on it."""
+    skip = _pbs_directives_skip()
+    lines = [array_directive(array)] if array else []
+    if template.account:
+        lines.append(f"-P {template.account}")
+    lines = [line for line in lines if not any(word in line for word in skip)]
+    lines.append(f"-v DASK_HPC_IDENTITY={identity.comment()}")
+    return lines + list(template.extra_directives)
+
+
+def pbs_job_kwargs(identity: JobIdentity, template: JobTemplate,
+                   array: tuple[int, ...] = ()) -> dict[str, Any]:
+    """PBSJob arguments: a Job_Name that fits old servers' 15 characters, the project
+    instead of `-A`, and one `select` chunk (ncpus, ngpus for GPU groups, mem). Placement
+    (`-l place=...`) and site resources (`-l storage=...`, `-l jobfs=...`) come from the
+    manifest's extraDirectives, checked by the same policy as SLURM's."""
+    chunk = f"select=1:ncpus={template.cores}"
+    if template.gpus:
+        chunk += f":ngpus={template.gpus}"
+    return {
+        "job_name": pbs_job_name(identity),
+        "account": None,
+        "resource_spec": f"{chunk}:mem={pbs_memory(template.memory)}",
+        "job_extra_directives": pbs_directives(identity, template, array),
+    }
 
 
 def _prologue(ctx: RenderContext, identity: JobIdentity, template: JobTemplate) -> list[str]:
@@ -149,9 +203,8 @@ def _job(ctx: RenderContext, identity: JobIdentity, template: JobTemplate,
         kwargs["queue"] = template.queue
         kwargs["account"] = template.account
         kwargs["log_directory"] = ctx.log_dir
-    if ctx.backend == "pbs" and template.gpus:
-        kwargs["resource_spec"] = (f"select=1:ncpus={template.cores}:ngpus={template.gpus}"
-                                   f":mem={template.memory.replace('iB', 'b').lower()}")
+    if ctx.backend == "pbs":
+        kwargs.update(pbs_job_kwargs(identity, template, array))
     return cls(**kwargs)
 
 

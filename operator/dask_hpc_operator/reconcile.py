@@ -18,6 +18,7 @@ from typing import Any
 
 from hpc_bridge.backends.base import Backend, BatchSystemError, CommandRunner
 from hpc_bridge.backends.local import LocalBackend
+from hpc_bridge.backends.pbs import PbsBackend
 from hpc_bridge.backends.slurm import SlurmBackend
 from hpc_bridge.model import JobIdentity, JobRequest, JobState, ObservedJob, Role
 from hpc_bridge.poller import BatchedPoller, BatchSystemUnavailable
@@ -66,6 +67,9 @@ class Runtime:
             if kind == "slurm":
                 runner = CommandRunner(self.site.submit_prefix, self.site.command_timeout)
                 self.backends[kind] = SlurmBackend(runner, all_users=self.site.squeue_all_users)
+            elif kind == "pbs":
+                runner = CommandRunner(self.site.submit_prefix, self.site.command_timeout)
+                self.backends[kind] = PbsBackend(runner)
             elif kind == "local":
                 self.backends[kind] = LocalBackend(Path(self.site.staging_dir) / "local-jobs")
             else:

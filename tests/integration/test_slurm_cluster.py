@@ -6,80 +6,13 @@ conditions with deadlines and ends by checking squeue holds no live job of the c
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
-from typing import Any
-
 import pytest
 from distributed import Client
 
-from dask_hpc_operator.reconcile import ClusterReconciler, Runtime
 from dask_hpc_operator.site_config import SiteConfig
-from helpers import live_slurm_jobs, wait_until
-from hpc_bridge.backends.base import CommandRunner
-from hpc_bridge.backends.slurm import SlurmBackend
+from helpers import Cluster, live_slurm_jobs, manifest, slurm_runtime, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm")]
-
-
-def manifest(name: str, replicas: int, **worker: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "hpc.dask.org/v1alpha1",
-        "kind": "DaskCluster",
-        "metadata": {"name": name, "namespace": "it", "uid": str(uuid.uuid4()),
-                     "generation": 1},
-        "spec": {"backend": "slurm", "scheduler": {"memory": "1GiB"},
-                 "worker": {"replicas": replicas, "cores": 1, "memory": "1GiB", **worker}},
-    }
-
-
-class Cluster:
-    """A manifest plus its status, reconciled like the operator would."""
-
-    created: list[Cluster] = []
-
-    def __init__(self, runtime: Runtime, body: dict[str, Any]) -> None:
-        self.reconciler = ClusterReconciler(runtime)
-        self.body = body
-        self.status: dict[str, Any] = {}
-        Cluster.created.append(self)
-
-    async def step(self) -> dict[str, Any]:
-        self.status.update(await self.reconciler.reconcile(self.body, self.status))
-        return self.status
-
-    async def until(self, phase: str, ready: int, timeout: float = 90) -> dict[str, Any]:
-        async def check() -> dict[str, Any] | None:
-            s = await self.step()
-            assert s["phase"] != "Failed", s["message"]
-            ok = s["phase"] == phase and s["workers"]["ready"] == ready
-            return dict(s) if ok else None
-        return await wait_until(check, timeout, f"{phase} with {ready} ready workers")
-
-    def scale(self, replicas: int) -> None:
-        self.body["spec"]["worker"]["replicas"] = replicas
-        self.body["metadata"]["generation"] += 1
-
-    async def delete(self) -> None:
-        async def gone() -> bool:
-            return not await self.reconciler.teardown(self.body)
-        await wait_until(gone, 60, "teardown")
-        assert live_slurm_jobs(self.body["metadata"]["uid"]) == []
-
-
-@pytest.fixture(autouse=True)
-async def _cancel_leftovers() -> AsyncIterator[None]:
-    """A failing test must not leave jobs that slow down the next one."""
-    yield
-    while Cluster.created:
-        cluster = Cluster.created.pop()
-        if live_slurm_jobs(cluster.body["metadata"]["uid"]):
-            await cluster.reconciler.teardown(cluster.body)
-
-
-def slurm_runtime(site: SiteConfig) -> tuple[Runtime, CommandRunner]:
-    runner = CommandRunner()
-    return Runtime(site, backends={"slurm": SlurmBackend(runner)}), runner
 
 
 async def test_create_compute_scale_and_delete(site: SiteConfig) -> None:

@@ -104,13 +104,22 @@ def _directives(ctx: RenderContext, identity: JobIdentity, template: JobTemplate
 # --- PBS (Professional / OpenPBS) -------------------------------------------------------------
 
 def pbs_memory(memory: str) -> str:
-    """`16GiB` -> `16gb`: PBS sizes are binary (kb = 1024 bytes); the largest exact unit,
-    else megabytes rounded up."""
+    """`16GiB` -> `16gb`: PBS sizes are binary (1gb = 2**30 bytes); the largest unit that
+    is exact, else megabytes rounded up (`16GB`, 16e9 bytes, -> `15259mb`)."""
     size = parse_bytes(memory)
-    for unit, factor in (("tb", 2**40), ("gb", 2**30), ("mb", 2**20), ("kb", 2**10)):
+    for unit, factor in (("tb", 2**40), ("gb", 2**30), ("mb", 2**20)):
         if size % factor == 0:
             return f"{size // factor}{unit}"
     return f"{-(-size // 2**20)}mb"
+
+
+def pbs_walltime(walltime: str) -> str:
+    """`1-02:00:00` -> `26:00:00`: PBS has no days field (its hours may exceed 24)."""
+    days, sep, rest = walltime.partition("-")
+    if not sep:
+        return walltime
+    hours, _, minutes_seconds = rest.partition(":")
+    return f"{int(days) * 24 + int(hours):02d}:{minutes_seconds}"
 
 
 def _pbs_directives_skip() -> tuple[str, ...]:
@@ -150,6 +159,7 @@ def pbs_job_kwargs(identity: JobIdentity, template: JobTemplate,
         "job_name": pbs_job_name(identity),
         "account": None,
         "resource_spec": f"{chunk}:mem={pbs_memory(template.memory)}",
+        "walltime": pbs_walltime(template.walltime),
         "job_extra_directives": pbs_directives(identity, template, array),
     }
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import yaml
 
 from . import crd_schema
-from .constants import KIND_CLUSTER, NAMES
+from .constants import KIND_CLUSTER, KIND_WORKER_GROUP, NAMES
 from .manifests import load_documents
-from .reconcile import ClusterReconciler, Runtime
+from .reconcile import GroupReconciler, Runtime
 from .site_config import ConfigError, SiteConfig
 from .validation import ManifestError, validate
 
@@ -61,16 +61,25 @@ def _fail(message: str) -> int:
 
 
 def cmd_render(args: argparse.Namespace, site: SiteConfig) -> int:
-    reconciler = ClusterReconciler(Runtime(site))
-    for doc in load_documents(args.filename):
-        if args.backend:
-            doc.setdefault("spec", {})["backend"] = args.backend
-        if validate(doc)["kind"] != KIND_CLUSTER:
-            print(f"# {doc['kind']} {doc['metadata']['name']}: valid; rendering arrives with "
-                  "its reconciler")
-            continue
+    reconciler = GroupReconciler(Runtime(site))
+    docs = load_documents(args.filename)
+    for doc in docs:
         doc.setdefault("metadata", {}).setdefault("uid", "00000000-render")
-        for request in reconciler.render_all(doc):
+        if args.backend and doc.get("kind") == KIND_CLUSTER:
+            doc.setdefault("spec", {})["backend"] = args.backend
+    clusters = {d["metadata"]["name"]: d for d in docs if d.get("kind") == KIND_CLUSTER}
+    for doc in docs:
+        kind = validate(doc)["kind"]
+        if kind == KIND_CLUSTER:
+            requests = reconciler.render_all(doc)
+        elif kind == KIND_WORKER_GROUP and doc["spec"]["cluster"] in clusters:
+            requests = reconciler.render_group(doc, clusters[doc["spec"]["cluster"]])
+        else:
+            print(f"# {kind} {doc['metadata']['name']}: valid (nothing to render here"
+                  + (": its DaskCluster is not in these files)" if kind == KIND_WORKER_GROUP
+                     else ")"))
+            continue
+        for request in requests:
             ident = request.identity
             what = (f"array of {len(request.array)} {ident.role.value} jobs"
                     if request.array else f"{ident.role.value} job {ident.job_name}")

@@ -321,6 +321,18 @@ class GroupReconciler(ClusterReconciler):
             events("Normal", status["phase"], status["message"])
         return status
 
+    def render_group(self, manifest: dict[str, Any],
+                     cluster: dict[str, Any]) -> list[JobRequest]:
+        """The scripts a fresh group of `cluster` would submit (for `dask-hpc render`)."""
+        valid = validate(manifest)
+        meta = valid["metadata"]
+        group = GroupModel.from_worker(meta["name"], meta["uid"], valid["spec"]["worker"])
+        cmodel = ClusterModel.from_manifest(validate(cluster), self.runtime.site)
+        model = replace(cmodel, groups=(group,))
+        plan = plan_group(cmodel.namespace, cmodel.name, group, [], None, Plan())
+        return self._worker_requests(model, self._context(model), plan.submit,
+                                     self.runtime.backend(model.backend))
+
     def _cluster_problem(self, group: GroupModel, name: str, namespace: str,
                          cluster: dict[str, Any] | None) -> tuple[str, ClusterModel | None]:
         if cluster is None or cluster.get("metadata", {}).get("deletionTimestamp"):

@@ -126,3 +126,14 @@ def test_up_on_slurm(config: Path, tmp_path: Path) -> None:
     uids = {line.split(":")[4] for line in ours}
     assert all(live_slurm_jobs(uid) == [] for uid in uids)
     assert os.environ.get("CI") != "true" or ours
+
+
+def test_render_heterogeneous_cluster_with_groups(config: Path) -> None:
+    result = run(["render", "-f", "examples/heterogeneous.yaml"], config)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.count("# ---- array of") == 3  # default, highmem and gpu groups: one each
+    assert "--protocol tcp,ucx" in out and "--preload" in out
+    assert "#SBATCH -p highmem" in out and "--resources HIGHMEM=1" in out
+    assert "#SBATCH --gres=gpu:4" in out and "-m dask cuda worker" in out
+    assert "scheduler-ucx.json" in out

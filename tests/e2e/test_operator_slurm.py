@@ -88,3 +88,58 @@ async def test_daskcluster_lifecycle_through_the_api(kube: StampingEmulator,
         return False
     await wait_until(deleted, 60, "the finalizer to release the object")
     assert live_slurm_jobs(uid) == []
+
+
+GROUPS = (GROUP, VERSION, "default", "daskworkergroups")
+
+
+async def test_worker_group_through_the_api(kube: StampingEmulator, operator: None) -> None:
+    """A DaskWorkerGroup created before its cluster waits, then joins it; kopf's index of
+    clusters is how the group finds the scheduler."""
+    api = custom_objects(str(kube.url).rstrip("/"))
+    call = asyncio.to_thread
+    group = {"apiVersion": API_VERSION, "kind": "DaskWorkerGroup",
+             "metadata": {"name": "himem", "namespace": "default"},
+             "spec": {"cluster": "pool", "worker": {"replicas": 1, "memory": "1GiB",
+                                                    "queue": "highmem",
+                                                    "resources": {"HIGHMEM": 1}}}}
+    await call(api.create_namespaced_custom_object, *GROUPS, group)
+
+    async def group_status(phase: str, fragment: str = "") -> dict[str, Any] | None:
+        obj = await call(api.get_namespaced_custom_object, *GROUPS, "himem")
+        status = obj.get("status") or {}
+        ok = status.get("phase") == phase and fragment in status.get("message", "")
+        return obj if ok else None
+
+    await wait_until(lambda: group_status("Pending", "does not exist"), 30, "group to wait")
+
+    cluster = {"apiVersion": API_VERSION, "kind": "DaskCluster",
+               "metadata": {"name": "pool", "namespace": "default"},
+               "spec": {"backend": "slurm", "scheduler": {"memory": "1GiB"},
+                        "worker": {"replicas": 1, "memory": "1GiB"}}}
+    await call(api.create_namespaced_custom_object, *ARGS, cluster)
+    obj = await wait_until(lambda: group_status("Running"), 120, "the group to run")
+    assert obj["status"]["resources"] == ["HIGHMEM"]
+    owner = obj["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "DaskCluster" and owner["name"] == "pool"
+    group_uid = obj["metadata"]["uid"]
+    assert len(live_slurm_jobs(group_uid)) == 1
+
+    await call(api.delete_namespaced_custom_object, *GROUPS, "himem")
+
+    async def group_gone() -> bool:
+        try:
+            await call(api.get_namespaced_custom_object, *GROUPS, "himem")
+        except kubernetes.client.ApiException as exc:
+            return exc.status == 404
+        return False
+    await wait_until(group_gone, 60, "the group's finalizer")
+    assert live_slurm_jobs(group_uid) == []
+    cluster_obj = await call(api.get_namespaced_custom_object, *ARGS, "pool")
+    cluster_uid = cluster_obj["metadata"]["uid"]
+    assert live_slurm_jobs(cluster_uid), "the cluster keeps running without the group"
+    await call(api.delete_namespaced_custom_object, *ARGS, "pool")
+
+    async def cluster_gone() -> bool:
+        return not live_slurm_jobs(cluster_uid)
+    await wait_until(cluster_gone, 60, "the cluster's jobs to end")

@@ -28,6 +28,21 @@ def _event_sink(body: kopf.Body) -> Any:
     return post
 
 
+def _register(registry: kopf.OperatorRegistry, resource: tuple[str, str, str],
+              interval: float, reconcile: Any, delete: Any) -> None:
+    """Every cause calls the same reconcile; deletion has its own handler (and finalizer)."""
+    for cause, decorator in (("create", kopf.on.create), ("update", kopf.on.update),
+                             ("resume", kopf.on.resume)):
+        decorator(*resource, registry=registry, id=f"reconcile-{cause}")(reconcile)
+    kopf.timer(*resource, registry=registry, id="poll", interval=interval, idle=None)(reconcile)
+    kopf.on.delete(*resource, registry=registry, id="teardown")(delete)
+
+
+def _wait_for(remaining: list[str]) -> None:
+    if remaining:
+        raise kopf.TemporaryError(f"waiting for jobs {', '.join(remaining)} to end", delay=2)
+
+
 def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = None,
                    timer_interval: float | None = None) -> kopf.OperatorRegistry:
     """Register the handlers. The CLI passes kopf's default registry, whose fallback logins
@@ -51,10 +66,7 @@ def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = No
         # The cluster's worker groups lose their scheduler: their jobs end with it. (With a
         # real API server the groups themselves are garbage-collected through the owner
         # references set below.)
-        remaining = await reconciler.teardown(manifest, whole_cluster=True)
-        if remaining:
-            raise kopf.TemporaryError(f"waiting for jobs {', '.join(remaining)} to end",
-                                      delay=2)
+        _wait_for(await reconciler.teardown(manifest, whole_cluster=True))
 
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.finalizer = FINALIZER
@@ -89,24 +101,11 @@ def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = No
                 "name": meta["name"], "uid": meta["uid"], "blockOwnerDeletion": True}]
 
     async def delete_group(body: kopf.Body, **_: Any) -> None:
-        remaining = await groups.teardown({"metadata": dict(body.metadata), "spec": {}})
-        if remaining:
-            raise kopf.TemporaryError(f"waiting for jobs {', '.join(remaining)} to end",
-                                      delay=2)
+        _wait_for(await groups.teardown({"metadata": dict(body.metadata), "spec": {}}))
 
     kopf.index(*resource, registry=registry, id="clusters_by_name")(clusters_by_name)
-    for cause, decorator in (("create", kopf.on.create), ("update", kopf.on.update),
-                             ("resume", kopf.on.resume)):
-        decorator(*group_resource, registry=registry, id=f"reconcile-{cause}")(reconcile_group)
-    kopf.timer(*group_resource, registry=registry, id="poll", interval=interval,
-               idle=None)(reconcile_group)
-    kopf.on.delete(*group_resource, registry=registry, id="teardown")(delete_group)
+    _register(registry, resource, interval, reconcile_cluster, delete_cluster)
+    _register(registry, group_resource, interval, reconcile_group, delete_group)
 
     kopf.on.startup(registry=registry)(configure)
-    for cause, decorator in (("create", kopf.on.create), ("update", kopf.on.update),
-                             ("resume", kopf.on.resume)):
-        decorator(*resource, registry=registry, id=f"reconcile-{cause}")(reconcile_cluster)
-    kopf.timer(*resource, registry=registry, id="poll", interval=interval,
-               idle=None)(reconcile_cluster)
-    kopf.on.delete(*resource, registry=registry, id="teardown")(delete_cluster)
     return registry

@@ -49,6 +49,12 @@ def now_iso() -> str:
         "+00:00", "Z")
 
 
+def unavailable_status(exc: Exception, old_conditions: list[Any]) -> dict[str, Any]:
+    """The batch system cannot be asked: say so, change nothing else (phase is kept)."""
+    return {"message": f"batch system unavailable, retrying: {exc}",
+            "conditions": old_conditions}
+
+
 def _no_events(_type: str, _reason: str, _message: str) -> None:
     pass
 
@@ -133,8 +139,7 @@ class ClusterReconciler:
             try:
                 snapshot = await poller.get()
             except BatchSystemUnavailable as exc:
-                return {"message": f"batch system unavailable, retrying: {exc}",
-                        "conditions": old_conditions}
+                return unavailable_status(exc, old_conditions)
             jobs = snapshot.owned_by(model.uid)
             ctx = self._context(model)
             live_sched = any(j.identity.role is Role.SCHEDULER and j.state is JobState.RUNNING
@@ -304,8 +309,7 @@ class GroupReconciler(ClusterReconciler):
             try:
                 snapshot = await poller.get()
             except BatchSystemUnavailable as exc:
-                return {"message": f"batch system unavailable, retrying: {exc}",
-                        "conditions": old_conditions}
+                return unavailable_status(exc, old_conditions)
             jobs = snapshot.owned_by(group.owner_uid)
             ctx = self._context(model)
             dask = await dask_rpc.observe(ctx.scheduler_file)

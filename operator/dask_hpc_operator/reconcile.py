@@ -75,12 +75,12 @@ class Runtime:
                 self.backends[kind] = SlurmBackend(runner, all_users=self.site.squeue_all_users)
             elif kind == "pbs":
                 runner = CommandRunner(self.site.submit_prefix, self.site.command_timeout)
-                self.backends[kind] = PbsBackend(runner)
+                self.backends[kind] = PbsBackend(runner, arrays=True)
             elif kind == "local":
                 self.backends[kind] = LocalBackend(Path(self.site.staging_dir) / "local-jobs")
             else:
                 raise ManifestError("spec.backend", f"backend {kind!r} is not available in "
-                                    "this operator yet", "use slurm or local")
+                                    "this operator", "use slurm, pbs or local")
         return self.backends[kind]
 
     def poller(self, kind: str) -> BatchedPoller:
@@ -206,8 +206,9 @@ class ClusterReconciler:
                     return
             if request.array:
                 for task in request.task_identities():
-                    poller.record_submitted(ObservedJob(f"{job_id}_{task.index}", task,
-                                                        JobState.PENDING, "submitted"))
+                    task_id = poller.backend.task_job_id(job_id, task.index)
+                    poller.record_submitted(ObservedJob(task_id, task, JobState.PENDING,
+                                                        "submitted"))
             else:
                 poller.record_submitted(ObservedJob(job_id, request.identity,
                                                     JobState.PENDING, "submitted"))

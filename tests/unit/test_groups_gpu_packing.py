@@ -161,3 +161,44 @@ async def test_group_asking_for_a_protocol_the_scheduler_lacks_is_held(tmp_path:
     assert status["phase"] == "Pending"
     assert "add ucx to its spec.scheduler.extraProtocols" in status["message"]
     assert runtime.backend("local").calls["submit"] == 0  # type: ignore[attr-defined]
+
+
+class _ArrayBackend:
+    """In-memory backend with PBS-style array task ids, to watch what the reconcile records."""
+
+    kind = "pbs"
+    supports_arrays = True
+
+    def __init__(self) -> None:
+        self.submitted: list[Any] = []
+
+    def task_job_id(self, job_id: str, index: int) -> str:
+        seq, _, server = job_id.partition(".")
+        return f"{seq.removesuffix('[]')}[{index}].{server}"
+
+    async def submit(self, request: Any) -> str:
+        self.submitted.append(request)
+        return f"{100 + len(self.submitted)}[].pbs01"
+
+    async def poll(self) -> list[ObservedJob]:
+        return []
+
+    async def cancel(self, job_ids: Any) -> None:
+        pass
+
+
+async def test_array_tasks_are_recorded_under_the_backend_s_ids(tmp_path: Any) -> None:
+    backend = _ArrayBackend()
+    runtime = Runtime(SiteConfig(staging_dir=str(tmp_path)), backends={"pbs": backend})
+    body = {"apiVersion": "hpc.dask.org/v1alpha1", "kind": "DaskCluster",
+            "metadata": {"name": "c", "namespace": "ns", "uid": "uid-1"},
+            "spec": {"backend": "pbs", "worker": {"replicas": 3}}}
+    status = await ClusterReconciler(runtime).reconcile(body, {})
+    assert len(backend.submitted) == 2  # scheduler + one array of three
+    assert backend.submitted[1].array == (0, 1, 2)
+    ids = sorted(runtime.poller("pbs").snapshot.jobs)
+    assert ids == ["101[].pbs01", "102[0].pbs01", "102[1].pbs01", "102[2].pbs01"]
+    assert status["workers"]["pending"] == 3
+    # The next reconcile sees them (recorded, not yet polled) and submits nothing more.
+    await ClusterReconciler(runtime).reconcile(body, status)
+    assert len(backend.submitted) == 2

@@ -23,7 +23,11 @@ class Backend(Protocol):
     supports_arrays: bool  # submit() accepts JobRequest.array (one submission, many tasks)
 
     async def submit(self, request: JobRequest) -> str:
-        """Submit one job; returns its id."""
+        """Submit one job (or one array); returns its id."""
+        ...
+
+    def task_job_id(self, job_id: str, index: int) -> str:
+        """The id of one task of the array `job_id`, as poll() reports and cancel() takes."""
         ...
 
     async def poll(self) -> list[ObservedJob]:

@@ -57,6 +57,9 @@ class LocalBackend:
             except FileExistsError:
                 n += 1
 
+    def task_job_id(self, job_id: str, index: int) -> str:
+        raise NotImplementedError("the local backend has no arrays")
+
     async def submit(self, request: JobRequest) -> str:
         self.calls["submit"] += 1
         job_id, job_dir = self._new_job_dir()

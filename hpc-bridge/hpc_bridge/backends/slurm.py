@@ -94,6 +94,9 @@ class SlurmBackend:
         self._last_seen: dict[str, ObservedJob] = {}
         self._sacct_mode: list[str] | None = []  # [] = accounting, ["--completion"], None
 
+    def task_job_id(self, job_id: str, index: int) -> str:
+        return f"{job_id}_{index}"  # scancel 1234_5 cancels one task
+
     async def submit(self, request: JobRequest) -> str:
         os.makedirs(request.log_dir, exist_ok=True)
         # The script goes on stdin: nothing user-derived is ever a command-line word here.

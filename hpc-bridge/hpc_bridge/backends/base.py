@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from ..model import JobRequest, ObservedJob
@@ -39,6 +40,16 @@ class Backend(Protocol):
         ...
 
 
+async def with_departed(jobs: list[ObservedJob], last_seen: dict[str, ObservedJob],
+                        ask: Callable[[list[str]], Awaitable[list[ObservedJob]]]
+                        ) -> list[ObservedJob]:
+    """`jobs` plus what became of the unfinished jobs the previous poll saw and this listing
+    no longer shows (asked of the batch system's history in one `ask` call)."""
+    listed = {j.job_id for j in jobs}
+    departed = [jid for jid, j in last_seen.items() if jid not in listed and not j.state.terminal]
+    return jobs + await ask(departed) if departed else jobs
+
+
 class CommandRunner:
     """Runs batch commands without a shell, behind the site's optional prefix.
 
@@ -57,8 +68,6 @@ class CommandRunner:
 
     def _argv(self, argv: Sequence[str]) -> list[str]:
         if self.prefix and self.prefix[0] == "ssh":
-            import shlex
-
             return [*self.prefix, *(shlex.quote(a) for a in argv)]
         return [*self.prefix, *argv]
 

@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -136,20 +137,17 @@ class LocalBackend:
     async def poll(self) -> list[ObservedJob]:
         self.calls["poll"] += 1
         jobs = []
-        now = asyncio.get_running_loop().time()
         for job_dir in self.jobs_dir.iterdir():
             job = self._observe(job_dir)
             if job is None:
                 continue
-            if job.state.terminal and self._expired(job_dir, now):
+            if job.state.terminal and self._expired(job_dir):
                 continue
             jobs.append(job)
         return jobs
 
     @staticmethod
-    def _expired(job_dir: Path, _now: float) -> bool:
-        import time
-
+    def _expired(job_dir: Path) -> bool:
         marker = job_dir / "exit" if (job_dir / "exit").exists() else job_dir / "cancelled"
         try:
             return time.time() - marker.stat().st_mtime > KEEP_FINISHED_S

@@ -46,7 +46,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..model import JobIdentity, JobRequest, JobState, ObservedJob
-from .base import BatchSystemError, CommandRunner
+from .base import BatchSystemError, CommandRunner, with_departed
 
 log = logging.getLogger(__name__)
 
@@ -358,12 +358,8 @@ class PbsBackend:
         return parse_qstat_text(out)
 
     async def poll(self) -> list[ObservedJob]:
-        jobs = observe_all(await self._list())
-        seen = {j.job_id for j in jobs}
-        departed = [jid for jid, j in self._last_seen.items()
-                    if jid not in seen and not j.state.terminal]
-        if departed:
-            jobs += await self._departed(departed)
+        jobs = await with_departed(observe_all(await self._list()), self._last_seen,
+                                   self._departed)
         self._last_seen = {j.job_id: j for j in jobs}
         return jobs
 

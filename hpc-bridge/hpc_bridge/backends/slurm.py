@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 
 from ..model import JobIdentity, JobRequest, JobState, ObservedJob, expand_ranges
-from .base import BatchSystemError, CommandRunner
+from .base import BatchSystemError, CommandRunner, with_departed
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,7 @@ class SlurmBackend:
         if not self.all_users:
             argv.append("--me")
         _, out, _ = await self.runner.run(argv)
-        jobs = parse_squeue(out)
-        seen = {j.job_id: j for j in jobs}
-        departed = [jid for jid, j in self._last_seen.items()
-                    if jid not in seen and not j.state.terminal]
-        if departed:
-            jobs += await self._departed(departed)
+        jobs = await with_departed(parse_squeue(out), self._last_seen, self._departed)
         self._last_seen = {j.job_id: j for j in jobs}
         return jobs
 

@@ -35,7 +35,8 @@ class JobState(str, enum.Enum):
 class Role(str, enum.Enum):
     SCHEDULER = "scheduler"
     WORKER = "worker"
-    RUNNER = "runner"
+    RUNNER = "runner"  # a DaskJob's client script, next to its cluster
+    ALLOCATION = "allocation"  # one MPI allocation: scheduler, workers (and a client) inside
 
 
 COMMENT_PREFIX = "dask-hpc:v1:"
@@ -120,6 +121,18 @@ class JobTemplate:
     rmm_pool_size: str | None = None
     device_memory_limit: str | None = None
     protocol: str | None = None  # the workers' protocol; None = the scheduler's first
+
+
+@dataclass(frozen=True)
+class RunnerCommand:
+    """A user's client program (a DaskJob's runner): what runs, where, and where its
+    output and exit status land, on the shared filesystem so the operator can read them
+    whatever the batch system keeps."""
+
+    argv: tuple[str, ...]  # quoted when rendered; DASK_SCHEDULER_ADDRESS is set for it
+    output_file: str  # stdout and stderr, appended
+    exit_code_file: str  # the command's exit status, written atomically when it ends
+    working_dir: str | None = None
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from dask_jobqueue.pbs import PBSJob
 from dask_jobqueue.slurm import SLURMJob
 
 from .backends.pbs import array_directive, pbs_job_name
-from .model import JobIdentity, JobRequest, JobTemplate, Role, compress_ranges
+from .model import JobIdentity, JobRequest, JobTemplate, Role, RunnerCommand, compress_ranges
 
 JOB_CLASSES: dict[str, type[Job]] = {"slurm": SLURMJob, "pbs": PBSJob, "local": LocalJob}
 
@@ -262,6 +262,33 @@ def render_scheduler(ctx: RenderContext, identity: JobIdentity,
     """
     job = _job(ctx, identity, template, [])
     job._command_template = scheduler_command(ctx)
+    return JobRequest(identity=identity, script=job.job_script(), log_dir=ctx.log_dir)
+
+
+def runner_command(command: RunnerCommand, scheduler_address: str) -> str:
+    """The shell lines of a DaskJob's runner: the user's argv (each element quoted), its
+    output appended to one file, and its exit status written next to it atomically, so
+    the operator knows the outcome even where the batch system keeps no exit codes."""
+    q = shlex.quote
+    lines = [f"export DASK_SCHEDULER_ADDRESS={q(scheduler_address)}"]
+    if command.working_dir:
+        lines.append(f"cd {q(command.working_dir)} || exit 1")
+    lines += [
+        " ".join(q(a) for a in command.argv) + f" >> {q(command.output_file)} 2>&1",
+        "rc=$?",
+        f'echo "$rc" > {q(command.exit_code_file + ".tmp")} && '
+        f"mv {q(command.exit_code_file + '.tmp')} {q(command.exit_code_file)}",
+        'exit "$rc"',
+    ]
+    return "\n".join(lines)
+
+
+def render_runner(ctx: RenderContext, identity: JobIdentity, template: JobTemplate,
+                  command: RunnerCommand, scheduler_address: str) -> JobRequest:
+    """A DaskJob's runner job: dask-jobqueue's header for the runner's own resources, the
+    user's command as the body (like the scheduler's job, the worker command is replaced)."""
+    job = _job(ctx, identity, template, [])
+    job._command_template = runner_command(command, scheduler_address)
     return JobRequest(identity=identity, script=job.job_script(), log_dir=ctx.log_dir)
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import yaml
 
 from . import crd_schema
-from .constants import KIND_CLUSTER, KIND_WORKER_GROUP, NAMES
+from .constants import KIND_CLUSTER, KIND_JOB, KIND_WORKER_GROUP, NAMES
+from .job_reconcile import JobReconciler
 from .manifests import load_documents
 from .reconcile import GroupReconciler, Runtime
 from .site_config import ConfigError, SiteConfig
@@ -34,12 +35,15 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--verbose", action="store_true")
 
     up = sub.add_parser("up", help="run manifests without Kubernetes, in the foreground",
-                        description="Reconcile manifests in the foreground. With `-- COMMAND`, "
-                        "run COMMAND once every cluster is ready (DASK_SCHEDULER_ADDRESS set), "
-                        "then tear down and exit with its exit code.")
+                        description="Reconcile manifests in the foreground. A DaskJob runs to "
+                        "its end, its output streamed, and `up` exits with its exit code. "
+                        "With `-- COMMAND`, run COMMAND once every cluster is ready "
+                        "(DASK_SCHEDULER_ADDRESS set), then tear down and exit with its exit "
+                        "code.")
     up.add_argument("-f", "--filename", required=True, help="manifest file or directory")
     up.add_argument("--config")
-    up.add_argument("--backend", choices=["slurm", "local"], help="override spec.backend")
+    up.add_argument("--backend", choices=["slurm", "local"],
+                    help="override spec.backend (a DaskJob's spec.cluster.backend)")
     up.add_argument("exec", nargs=argparse.REMAINDER, help="-- COMMAND to run when ready")
 
     render = sub.add_parser("render", help="print the job scripts a manifest would submit")
@@ -72,6 +76,15 @@ def cmd_render(args: argparse.Namespace, site: SiteConfig) -> int:
         kind = validate(doc)["kind"]
         if kind == KIND_CLUSTER:
             requests = reconciler.render_all(doc)
+        elif kind == KIND_JOB:
+            if args.backend:
+                doc["spec"].setdefault("cluster", {})["backend"] = args.backend
+            children, runner = JobReconciler(reconciler.runtime).render(doc)
+            requests = []
+            for child in children:
+                child["metadata"]["uid"] = "00000000-render-cluster"
+                requests += reconciler.render_all(child)
+            requests.append(runner)
         elif kind == KIND_WORKER_GROUP and doc["spec"]["cluster"] in clusters:
             requests = reconciler.render_group(doc, clusters[doc["spec"]["cluster"]])
         else:
@@ -119,7 +132,10 @@ def cmd_operator(args: argparse.Namespace, site: SiteConfig) -> int:
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    registry = build_registry(Runtime(site), kopf.get_default_registry())
+    from .kube_store import KubeClusterStore
+
+    registry = build_registry(Runtime(site), kopf.get_default_registry(),
+                              store=KubeClusterStore.from_environment())
     kopf.run(registry=registry, clusterwide=not args.namespace,
              namespaces=args.namespace or (), standalone=True)
     return 0

@@ -28,6 +28,7 @@ CATEGORY: Final = "dask-hpc"
 
 FINALIZER: Final = f"{GROUP}/cleanup"
 LABEL_CLUSTER: Final = f"{GROUP}/cluster"
+LABEL_JOB: Final = f"{GROUP}/job"  # on a DaskCluster a DaskJob created
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 MANAGER_NAME: Final = "dask-hpc-operator"
 

@@ -213,6 +213,13 @@ def cluster_spec_schema() -> Schema:
                 "description": "Batch system; empty means the operator's configured default.",
             },
             "profile": _string(SAFE_TOKEN, 64, "Site profile of defaults and limits."),
+            "mode": {
+                "type": "string", "enum": ["jobs", "allocation"], "default": "jobs",
+                "description": "jobs: the scheduler and each worker group in batch jobs of "
+                               "their own (scalable); allocation: the scheduler and "
+                               "worker.replicas workers inside ONE batch allocation (MPI, "
+                               "fixed size, ends with its walltime or on delete).",
+            },
             "idleTimeout": _int(0, MAX_IDLE_TIMEOUT, "Seconds without tasks before the "
                                 "cluster deletes itself; 0 = never.", default=0),
             "scheduler": scheduler_schema(),
@@ -308,7 +315,11 @@ def _specs() -> dict[str, tuple[Schema, Schema, list[Schema], Schema | None]]:
         "type": "object",
         "required": ["job"],
         "properties": {
-            "mode": {"type": "string", "enum": ["cluster", "allocation"], "default": "cluster"},
+            "mode": {"type": "string", "enum": ["cluster", "allocation"], "default": "cluster",
+                     "description": "cluster: a DaskCluster owned by the job plus a runner job "
+                                    "for the command; allocation: ONE MPI allocation whose "
+                                    "tasks are the scheduler, the command and "
+                                    "cluster.worker.replicas workers."},
             "job": {
                 "type": "object",
                 "description": "The runner: `command` (argv) or `script` (Python source).",
@@ -327,6 +338,10 @@ def _specs() -> dict[str, tuple[Schema, Schema, list[Schema], Schema | None]]:
                     "env": _env(),
                     "workingDir": _string(PATH, 4096, "Absolute working directory."),
                 },
+                "x-kubernetes-validations": [{
+                    "rule": "has(self.command) != has(self.script)",
+                    "message": "set exactly one of command or script",
+                }],
             },
             "cluster": cluster_spec,
         },
@@ -337,6 +352,7 @@ def _specs() -> dict[str, tuple[Schema, Schema, list[Schema], Schema | None]]:
         "startTime": {"type": "string"},
         "endTime": {"type": "string"},
         "exitCode": {"type": "integer"},
+        "outputFile": {"type": "string"},
     })
     autoscaler_spec = {
         "type": "object",

@@ -1,8 +1,10 @@
 """`dask-hpc up`: the operator's reconcile, in the foreground, without Kubernetes.
 
-The same ClusterReconciler the kopf handlers call runs here in a loop over manifests held in
+The same reconcilers the kopf handlers call run here in a loop over manifests held in
 memory. It is how a user on a login node (or a laptop, with the local backend) gets a
-cluster from a manifest, and how the README's quick start works with nothing installed.
+cluster or runs a DaskJob from a manifest, and how the README's quick start works with
+nothing installed. A DaskJob's DaskCluster is created in this same memory (the
+`EmbeddedStore` stands in for the API server), so the lifecycle is the operator's.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .constants import KIND_CLUSTER, KIND_WORKER_GROUP
+from .constants import KIND_CLUSTER, KIND_JOB, KIND_WORKER_GROUP
+from .job_planning import TERMINAL_PHASES
+from .job_reconcile import JobReconciler
 from .reconcile import GroupReconciler, Runtime
 from .validation import ManifestError, validate
+
+UP_KINDS = (KIND_CLUSTER, KIND_WORKER_GROUP, KIND_JOB)
 
 LOOP_PERIOD_S = 0.5
 TEARDOWN_TIMEOUT_S = 120.0
@@ -29,41 +35,97 @@ TEARDOWN_TIMEOUT_S = 120.0
 class Resource:
     manifest: dict[str, Any]
     status: dict[str, Any] = field(default_factory=dict)
+    deleting: bool = False  # like a deletionTimestamp: torn down, then dropped
+
+    @property
+    def kind(self) -> str:
+        return str(self.manifest["kind"])
 
     @property
     def key(self) -> str:
+        """`daskjob default/train`: a DaskJob and its DaskCluster share a name."""
         meta = self.manifest["metadata"]
-        return f"{meta.get('namespace', 'default')}/{meta['name']}"
+        return f"{self.kind.lower()} {meta.get('namespace', 'default')}/{meta['name']}"
+
+
+def _stamp(valid: dict[str, Any]) -> dict[str, Any]:
+    """The metadata an API server would give a new object."""
+    meta = valid.setdefault("metadata", {})
+    meta.setdefault("namespace", "default")
+    meta["uid"] = str(uuid.uuid4())
+    meta["generation"] = 1
+    return valid
 
 
 def prepare(docs: list[dict[str, Any]], backend: str | None) -> list[Resource]:
-    """Validate everything before anything is submitted; give each object the metadata
-    the API server would (uid, namespace, generation)."""
+    """Validate everything before anything is submitted."""
     resources = []
     for doc in docs:
         valid = validate(doc)
-        if valid["kind"] not in (KIND_CLUSTER, KIND_WORKER_GROUP):
+        if valid["kind"] not in UP_KINDS:
             raise ManifestError("kind", f"{valid['kind']} is not handled by `up` in this "
-                                "version", "run DaskCluster and DaskWorkerGroup manifests")
-        meta = valid.setdefault("metadata", {})
-        meta.setdefault("namespace", "default")
-        meta["uid"] = str(uuid.uuid4())
-        meta["generation"] = 1
+                                "version", "run " + ", ".join(UP_KINDS) + " manifests")
+        _stamp(valid)
         if backend and valid["kind"] == KIND_CLUSTER:
             valid["spec"]["backend"] = backend
+        elif backend and valid["kind"] == KIND_JOB:
+            valid["spec"]["cluster"]["backend"] = backend
         resources.append(Resource(valid))
     # Clusters first: a group's reconcile reads its cluster's status.
-    return sorted(resources, key=lambda r: r.manifest["kind"] != KIND_CLUSTER)
+    return sorted(resources, key=lambda r: r.kind != KIND_CLUSTER)
 
 
-def _cluster_of(group: Resource, resources: list[Resource]) -> dict[str, Any] | None:
-    meta = group.manifest["metadata"]
-    for r in resources:
-        m = r.manifest["metadata"]
-        if r.manifest["kind"] == KIND_CLUSTER and m["name"] == group.manifest["spec"][
-                "cluster"] and m["namespace"] == meta["namespace"]:
-            return {**r.manifest, "status": r.status}
-    return None
+class EmbeddedStore:
+    """The DaskCluster objects of a DaskJob, kept in `up`'s list instead of an API server."""
+
+    def __init__(self, resources: list[Resource]) -> None:
+        self.resources = resources
+
+    def find(self, namespace: str, name: str) -> Resource | None:
+        for r in self.resources:
+            meta = r.manifest["metadata"]
+            if r.kind == KIND_CLUSTER and meta["name"] == name \
+                    and meta["namespace"] == namespace:
+                return r
+        return None
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found = self.find(namespace, name)
+        if found is None:
+            return None
+        meta = dict(found.manifest["metadata"])
+        if found.deleting:
+            meta["deletionTimestamp"] = "now"
+        return {**found.manifest, "metadata": meta, "status": dict(found.status)}
+
+    async def create(self, manifest: dict[str, Any]) -> None:
+        self.resources.insert(0, Resource(_stamp(validate(manifest))))
+
+    async def delete(self, namespace: str, name: str) -> None:
+        found = self.find(namespace, name)
+        if found is not None:
+            found.deleting = True
+
+
+class OutputTail:
+    """Streams a DaskJob's output file to the terminal as it grows."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.offsets: dict[str, int] = {}
+
+    def pump(self, path: str) -> None:
+        offset = self.offsets.get(path, 0)
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except OSError:
+            return
+        if data:
+            self.offsets[path] = offset + len(data)
+            self.out.write(data.decode(errors="replace"))
+            self.out.flush()
 
 
 class Progress:
@@ -90,15 +152,72 @@ def _ready(resource: Resource) -> bool:
     return resource.status.get("phase") == "Running"
 
 
-async def _teardown(reconciler: GroupReconciler, resources: list[Resource],
-                    progress: Progress) -> bool:
-    progress.say("tearing down: cancelling every job of " +
-                 ", ".join(r.key for r in resources))
+def _job_done(resource: Resource) -> bool:
+    return resource.kind == KIND_JOB and resource.status.get("phase") in TERMINAL_PHASES
+
+
+def _job_exit_code(resource: Resource) -> int:
+    code = resource.status.get("exitCode")
+    if resource.status.get("phase") == "Succeeded":
+        return 0
+    return code if isinstance(code, int) and code != 0 else 1
+
+
+class Session:
+    """The reconcilers and the objects of one `up`."""
+
+    def __init__(self, runtime: Runtime, resources: list[Resource]) -> None:
+        self.resources = resources
+        self.clusters = GroupReconciler(runtime)  # reconciles clusters too
+        self.jobs = JobReconciler(runtime)
+        self.store = EmbeddedStore(resources)
+
+    def cluster_of(self, group: Resource) -> dict[str, Any] | None:
+        meta = group.manifest["metadata"]
+        found = self.store.find(meta["namespace"], group.manifest["spec"]["cluster"])
+        if found is None or found.deleting:
+            return None
+        return {**found.manifest, "status": found.status}
+
+    async def reconcile(self, r: Resource) -> None:
+        if r.kind == KIND_CLUSTER:
+            new = await self.clusters.reconcile(r.manifest, r.status)
+        elif r.kind == KIND_WORKER_GROUP:
+            new = await self.clusters.reconcile_group(r.manifest, r.status, self.cluster_of(r))
+        else:
+            new = await self.jobs.reconcile(r.manifest, r.status, self.store)
+        r.status.update(new)
+        r.status = {k: v for k, v in r.status.items() if v is not None}
+
+    async def step(self) -> list[Resource]:
+        """One pass: reconcile every object, tear down those being deleted (dropping them
+        once no job of theirs is left). Returns the objects visited."""
+        visited = list(self.resources)
+        for r in visited:
+            if r.deleting:
+                if not await self.teardown(r):
+                    self.resources.remove(r)
+            else:
+                await self.reconcile(r)
+        return visited
+
+    async def teardown(self, r: Resource) -> list[str]:
+        """Jobs of `r` still not ended; empty once it is gone."""
+        if r.kind == KIND_JOB:
+            return await self.jobs.teardown(r.manifest, self.store, keep_output=True)
+        return await self.clusters.teardown(r.manifest, whole_cluster=r.kind == KIND_CLUSTER)
+
+
+async def _teardown(session: Session, progress: Progress) -> bool:
+    resources = session.resources
+    reconciler = session.clusters
+    if any(not _job_done(r) for r in resources):
+        progress.say("tearing down: cancelling every job of " +
+                     ", ".join(r.key for r in resources))
     deadline = time.monotonic() + TEARDOWN_TIMEOUT_S
     pending = list(resources)
     while pending and time.monotonic() < deadline:
-        pending = [r for r in pending if await reconciler.teardown(
-            r.manifest, whole_cluster=r.manifest["kind"] == KIND_CLUSTER)]
+        pending = [r for r in pending if await session.teardown(r)]
         if pending:
             await asyncio.sleep(1.0)
     for backend in reconciler.runtime.backends.values():
@@ -112,49 +231,56 @@ async def _teardown(reconciler: GroupReconciler, resources: list[Resource],
     return True
 
 
-async def _run_command(command: list[str], resources: list[Resource]) -> int:
-    env = dict(os.environ)
-    env["DASK_SCHEDULER_ADDRESS"] = resources[0].status["schedulerAddress"]
-    proc = await asyncio.create_subprocess_exec(*command, env=env)
-    return await proc.wait()
-
-
 async def up(runtime: Runtime, resources: list[Resource], command: list[str] | None = None,
              out: TextIO = sys.stdout) -> int:
-    """Reconcile until interrupted (or until `command` has run); then tear down."""
-    reconciler = GroupReconciler(runtime)  # reconciles clusters too
+    """Reconcile until interrupted, until `command` has run, or until every DaskJob has
+    ended; then tear down. The exit code is the command's or the DaskJobs'."""
+    session = Session(runtime, resources)
     progress = Progress(out)
+    tail = OutputTail(out)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    has_jobs = any(r.kind == KIND_JOB for r in resources)
     announced: set[str] = set()
     exit_code = 0
-    runner: asyncio.Task[int] | None = None
+    proc: asyncio.subprocess.Process | None = None
     try:
         while not stop.is_set():
-            for r in resources:
-                if r.manifest["kind"] == KIND_CLUSTER:
-                    new = await reconciler.reconcile(r.manifest, r.status)
-                else:
-                    new = await reconciler.reconcile_group(r.manifest, r.status,
-                                                           _cluster_of(r, resources))
-                r.status.update(new)
-                r.status = {k: v for k, v in r.status.items() if v is not None}
+            for r in await session.step():
+                if r.deleting:
+                    if r not in resources:
+                        progress.say(f"{r.key} deleted, no job of it left")
+                    continue
+                if r.kind == KIND_JOB and r.status.get("outputFile"):
+                    tail.pump(r.status["outputFile"])
                 progress.show(r)
-                if _ready(r) and r.key not in announced:
+                if _ready(r) and r.key not in announced and r.kind != KIND_JOB:
                     announced.add(r.key)
                     progress.say(f"{r.key} is ready: scheduler {r.status['schedulerAddress']}"
                                  f", dashboard {r.status.get('dashboardURL') or '-'}")
-                    if command is None:
+                    if command is None and not has_jobs:
                         progress.say("press Ctrl-C to tear the cluster down")
-                if r.status.get("phase") == "Failed" and r.manifest["kind"] == KIND_CLUSTER:
+                if r.status.get("phase") == "Failed" and r.kind == KIND_CLUSTER \
+                        and not r.manifest["metadata"].get("ownerReferences"):
                     exit_code = 1
                     stop.set()
-            if command is not None and runner is None and all(map(_ready, resources)):
-                runner = asyncio.ensure_future(_run_command(command, resources))
-            if runner is not None and runner.done():
-                exit_code = runner.result()
+            if has_jobs and all(_job_done(r) or r.kind != KIND_JOB for r in resources) \
+                    and not any(r.deleting for r in resources):
+                jobs = [r for r in resources if r.kind == KIND_JOB]
+                exit_code = max(_job_exit_code(r) for r in jobs)
+                for r in jobs:
+                    progress.say(f"{r.key} {r.status['phase'].lower()}"
+                                 f" (exit code {r.status.get('exitCode', '-')}); output in "
+                                 f"{r.status.get('outputFile')}")
+                break
+            if command is not None and proc is None and all(map(_ready, resources)):
+                env = dict(os.environ)
+                env["DASK_SCHEDULER_ADDRESS"] = resources[0].status["schedulerAddress"]
+                proc = await asyncio.create_subprocess_exec(*command, env=env)
+            if proc is not None and proc.returncode is not None:
+                exit_code = proc.returncode
                 progress.say(f"command exited with {exit_code}")
                 break
             with contextlib.suppress(asyncio.TimeoutError):
@@ -162,9 +288,13 @@ async def up(runtime: Runtime, resources: list[Resource], command: list[str] | N
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        if runner is not None and not runner.done():
-            runner.cancel()
-        clean = await _teardown(reconciler, resources, progress)
-    if stop.is_set() and exit_code == 0 and command is not None and runner is None:
-        exit_code = 130  # interrupted before the command could run
+        if proc is not None and proc.returncode is None:
+            # Interrupted: the command gets the signal too, then the cluster goes.
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(proc.wait(), 10)
+        clean = await _teardown(session, progress)
+    if stop.is_set() and exit_code == 0 and (command is not None or has_jobs):
+        exit_code = 130  # interrupted before the command or job could finish
     return exit_code if clean else (exit_code or 1)

@@ -13,7 +13,16 @@ from typing import Any
 
 import kopf
 
-from .constants import FINALIZER, GROUP, KIND_CLUSTER, KIND_WORKER_GROUP, VERSION, plural
+from .constants import (
+    FINALIZER,
+    GROUP,
+    KIND_CLUSTER,
+    KIND_JOB,
+    KIND_WORKER_GROUP,
+    VERSION,
+    plural,
+)
+from .job_reconcile import ClusterStore, JobReconciler
 from .reconcile import ClusterReconciler, GroupReconciler, Runtime
 
 log = logging.getLogger(__name__)
@@ -43,11 +52,18 @@ def _wait_for(remaining: list[str]) -> None:
         raise kopf.TemporaryError(f"waiting for jobs {', '.join(remaining)} to end", delay=2)
 
 
+def _manifest(body: kopf.Body) -> dict[str, Any]:
+    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+            "metadata": dict(body.metadata), "spec": dict(body.spec)}
+
+
 def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = None,
-                   timer_interval: float | None = None) -> kopf.OperatorRegistry:
+                   timer_interval: float | None = None,
+                   store: ClusterStore | None = None) -> kopf.OperatorRegistry:
     """Register the handlers. The CLI passes kopf's default registry, whose fallback logins
     (kubeconfig, in-cluster service account) production needs; tests pass a fresh one and
-    add a login handler for the emulator."""
+    add a login handler for the emulator. `store` is how DaskJobs create their clusters
+    (the Kubernetes API; without one, DaskJobs of mode cluster wait with a message)."""
     registry = registry if registry is not None else kopf.OperatorRegistry()
     reconciler = ClusterReconciler(runtime)
     interval = timer_interval or runtime.site.poll_interval
@@ -103,7 +119,24 @@ def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = No
     async def delete_group(body: kopf.Body, **_: Any) -> None:
         _wait_for(await groups.teardown({"metadata": dict(body.metadata), "spec": {}}))
 
+    jobs = JobReconciler(runtime)
+    job_resource = (GROUP, VERSION, plural(KIND_JOB))
+
+    async def reconcile_job(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        if body.metadata.get("deletionTimestamp"):
+            return
+        if store is None:
+            patch.status["message"] = "this operator was started without API access for DaskJobs"
+            return
+        patch.status.update(await jobs.reconcile(_manifest(body), dict(body.status), store,
+                                                 _event_sink(body)))
+
+    async def delete_job(body: kopf.Body, **_: Any) -> None:
+        if store is not None:
+            _wait_for(await jobs.teardown(_manifest(body), store))
+
     kopf.index(*resource, registry=registry, id="clusters_by_name")(clusters_by_name)
+    _register(registry, job_resource, interval, reconcile_job, delete_job)
     _register(registry, resource, interval, reconcile_cluster, delete_cluster)
     _register(registry, group_resource, interval, reconcile_group, delete_group)
 

@@ -78,6 +78,7 @@ class ClusterModel:
     protocols: tuple[str, ...]  # the scheduler's listeners; the first is the primary
     scheduler: JobTemplate
     groups: tuple[GroupModel, ...]
+    mode: str = "jobs"  # jobs | allocation (scheduler and default workers in one MPI job)
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], site: SiteConfig) -> ClusterModel:
@@ -97,6 +98,7 @@ class ClusterModel:
             protocols=tuple(dict.fromkeys(protocols)),
             scheduler=scheduler_template(spec["scheduler"]),
             groups=(default,),
+            mode=spec.get("mode", "jobs"),
         )
 
     @property

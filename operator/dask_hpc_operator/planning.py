@@ -63,8 +63,11 @@ def _next_index(jobs: Sequence[ObservedJob]) -> int:
     return max((j.identity.index for j in jobs), default=-1) + 1
 
 
+SCHEDULER_ROLES = (Role.SCHEDULER, Role.ALLOCATION)  # the job whose end ends the cluster
+
+
 def _scheduler_jobs(jobs: Sequence[ObservedJob]) -> list[ObservedJob]:
-    return [j for j in jobs if j.identity.role is Role.SCHEDULER]
+    return [j for j in jobs if j.identity.role in SCHEDULER_ROLES]
 
 
 def _group_jobs(jobs: Sequence[ObservedJob], group: GroupModel) -> list[ObservedJob]:
@@ -125,11 +128,16 @@ def plan_cluster(model: ClusterModel, jobs: Sequence[ObservedJob], dask: DaskVie
         # Workers of a dead scheduler would idle until their death timeout: end them now.
         plan.cancel = [j.job_id for j in jobs if j.identity.role is Role.WORKER and j.state.live]
         return plan
+    allocation = model.mode == "allocation"
     if not live_sched:
-        plan.submit.append(JobIdentity(model.namespace, model.name, model.uid, Role.SCHEDULER,
-                                       "default", _next_index(sched)))
+        role, group_name = ((Role.ALLOCATION, "allocation") if allocation
+                            else (Role.SCHEDULER, "default"))
+        plan.submit.append(JobIdentity(model.namespace, model.name, model.uid, role,
+                                       group_name, _next_index(sched)))
     for extra in sorted(live_sched, key=lambda j: j.identity.index)[1:]:
         plan.cancel.append(extra.job_id)  # two schedulers can only come from a lost race
+    if allocation:
+        return plan  # the default group's workers live inside the allocation
     for group in model.groups:
         plan_group(model.namespace, model.name, group, jobs, dask, plan)
     return plan
@@ -202,10 +210,26 @@ def _waiting_reason(jobs: Sequence[ObservedJob]) -> str:
     return f" ({', '.join(reasons)})" if reasons else ""
 
 
+def allocation_counts(model: ClusterModel, jobs: Sequence[ObservedJob],
+                      dask: DaskView | None) -> GroupCounts:
+    """An allocation's workers are its tasks: queued or running together."""
+    replicas = model.groups[0].replicas
+    live = [j for j in _scheduler_jobs(jobs) if j.state.live]
+    if not live:
+        return GroupCounts(replicas, 0, 0, 0)
+    if live[0].state is JobState.PENDING:
+        return GroupCounts(replicas, replicas, 0, 0)
+    ready = len(dask.workers_of(live[0])) if dask is not None else 0
+    return GroupCounts(replicas, 0, replicas, ready)
+
+
 def cluster_status(model: ClusterModel, jobs: Sequence[ObservedJob], dask: DaskView | None,
                    plan: Plan, old_conditions: Sequence[dict[str, Any]] = (),
                    now: str = "") -> dict[str, Any]:
-    counts = [group_counts(g, jobs, dask) for g in model.groups]
+    if model.mode == "allocation":
+        counts = [allocation_counts(model, jobs, dask)]
+    else:
+        counts = [group_counts(g, jobs, dask) for g in model.groups]
     desired = sum(c.desired for c in counts)
     pending = sum(c.pending for c in counts)
     running = sum(c.running for c in counts)
@@ -218,12 +242,13 @@ def cluster_status(model: ClusterModel, jobs: Sequence[ObservedJob], dask: DaskV
         phase, message = "Failed", plan.failed
     elif dask is None:
         phase = "Pending"
+        what = "allocation" if model.mode == "allocation" else "scheduler job"
         if sched_job is None:
-            message = "submitting the scheduler job"
+            message = f"submitting the {what}"
         elif sched_job.state is JobState.PENDING:
-            message = f"scheduler job {sched_job.job_id} is queued{_waiting_reason([sched_job])}"
+            message = f"{what} {sched_job.job_id} is queued{_waiting_reason([sched_job])}"
         else:
-            message = f"scheduler job {sched_job.job_id} is starting"
+            message = f"{what} {sched_job.job_id} is starting"
     elif ready == desired and pending + running == desired:
         phase, message = "Running", f"{ready}/{desired} workers ready"
     else:

@@ -27,6 +27,7 @@ from hpc_bridge.scripts import LISTENERS_PRELOAD, RenderContext, render, render_
 from . import dask_rpc
 from .model import ClusterModel, GroupModel
 from .planning import (
+    SCHEDULER_ROLES,
     DaskView,
     Plan,
     cluster_status,
@@ -91,10 +92,10 @@ class Runtime:
     def lock(self, uid: str) -> asyncio.Lock:
         return self.locks.setdefault(uid, asyncio.Lock())
 
-    def staging_dir(self, namespace: str, name: str, uid: str) -> Path:
+    def staging_dir(self, namespace: str, name: str, uid: str, kind: str = "clusters") -> Path:
         # The uid keeps a re-created cluster of the same name away from its predecessor's
         # scheduler file and logs.
-        return Path(self.site.staging_dir) / "clusters" / namespace / f"{name}-{uid[:8]}"
+        return Path(self.site.staging_dir) / kind / namespace / f"{name}-{uid[:8]}"
 
 
 class ClusterReconciler:
@@ -118,7 +119,8 @@ class ClusterReconciler:
         model = ClusterModel.from_manifest(validate(manifest), self.runtime.site)
         plan = plan_cluster(model, [], None)
         ctx = self._context(model)
-        sched = [render(ctx, i, model.scheduler) for i in plan.submit if i.role is Role.SCHEDULER]
+        sched = [self._render_scheduler(model, ctx, i) for i in plan.submit
+                 if i.role in SCHEDULER_ROLES]
         workers = [i for i in plan.submit if i.role is Role.WORKER]
         return sched + self._worker_requests(model, ctx, workers, self.runtime.backend(
             model.backend))
@@ -142,7 +144,7 @@ class ClusterReconciler:
                 return unavailable_status(exc, old_conditions)
             jobs = snapshot.owned_by(model.uid)
             ctx = self._context(model)
-            live_sched = any(j.identity.role is Role.SCHEDULER and j.state is JobState.RUNNING
+            live_sched = any(j.identity.role in SCHEDULER_ROLES and j.state is JobState.RUNNING
                              for j in jobs)
             dask = await dask_rpc.observe(ctx.scheduler_file) if live_sched else None
             plan = plan_cluster(model, jobs, dask, old_status.get("schedulerJobId"))
@@ -216,11 +218,11 @@ class ClusterReconciler:
 
         Path(ctx.log_dir).mkdir(parents=True, exist_ok=True)
         # Scheduler first: its file appears sooner, and workers wait for it anyway.
-        for identity in [i for i in identities if i.role is Role.SCHEDULER]:
+        for identity in [i for i in identities if i.role in SCHEDULER_ROLES]:
             dask_rpc.remove_stale_scheduler_files(ctx)
             if len(ctx.protocols) > 1:
                 Path(ctx.preload_path).write_text(LISTENERS_PRELOAD)
-            await one(render(ctx, identity, model.scheduler))
+            await one(self._render_scheduler(model, ctx, identity))
         workers = [i for i in identities if i.role is Role.WORKER]
         await asyncio.gather(*(one(r) for r in self._worker_requests(model, ctx, workers,
                                                                     poller.backend)))
@@ -230,6 +232,17 @@ class ClusterReconciler:
             events("Warning", "SubmitFailed", errors[0])
             return [f"submission failed: {errors[0]}"]
         return []
+
+    def _render_scheduler(self, model: ClusterModel, ctx: RenderContext,
+                          identity: JobIdentity) -> JobRequest:
+        """The scheduler's own job, or (mode allocation) the one MPI job holding the
+        scheduler and the default group's workers."""
+        if identity.role is Role.ALLOCATION:
+            from hpc_bridge.allocation import render_allocation  # TEMP until it lands
+            default = model.groups[0]
+            return render_allocation(ctx, identity, default.template, default.replicas, None,
+                                     self.runtime.site.mpi_launcher)
+        return render(ctx, identity, model.scheduler)
 
     @staticmethod
     def _worker_requests(model: ClusterModel, ctx: RenderContext,
@@ -259,9 +272,10 @@ class ClusterReconciler:
         spec = manifest.get("spec") or {}
 
         def mine(job: ObservedJob) -> bool:
+            # A DaskJob's runner shares its cluster's name but not its lifetime.
             return job.identity.owner_uid == uid or (
                 whole_cluster and job.identity.namespace == namespace
-                and job.identity.cluster == meta["name"])
+                and job.identity.cluster == meta["name"] and job.identity.role is not Role.RUNNER)
 
         kinds = dict.fromkeys([spec.get("backend") or self.runtime.site.backend,
                                *self.runtime.pollers])

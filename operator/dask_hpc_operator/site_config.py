@@ -47,6 +47,9 @@ class SiteConfig:
     worker_death_timeout: int = 900
     scheduler_timeout: float = 600.0  # how long a running scheduler job may take to write its file
     squeue_all_users: bool = False
+    # How an allocation starts its MPI tasks; empty: the `mpiexec` beside `python` (the
+    # mpich wheel's, which finds SLURM's and PBS's node lists itself). E.g. [srun, --mpi=pmix].
+    mpi_launcher: tuple[str, ...] = ()
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> SiteConfig:
@@ -57,7 +60,7 @@ class SiteConfig:
             if attr not in known:
                 raise ConfigError(f"site config: unknown key {key!r}; known keys: "
                                   + ", ".join(sorted(_camel(k) for k in known)))
-            if attr in ("prologue", "submit_prefix"):
+            if attr in ("prologue", "submit_prefix", "mpi_launcher"):
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise ConfigError(f"site config: {key} must be a list of strings")
                 value = tuple(value)
@@ -94,6 +97,10 @@ class SiteConfig:
         for line in self.prologue:
             if not isinstance(line, str) or not matches(crd_schema.PROLOGUE_LINE, line):
                 raise ConfigError(f"site config: prologue line {line!r} is not a simple command")
+        for word in self.mpi_launcher:
+            if not matches(crd_schema.ARG_TOKEN, word):
+                raise ConfigError(f"site config: mpiLauncher word {word!r} must be one "
+                                  "argument without spaces or shell metacharacters")
         if self.min_poll_interval <= 0 or self.poll_interval < self.min_poll_interval:
             raise ConfigError("site config: pollInterval must be >= minPollInterval > 0")
 

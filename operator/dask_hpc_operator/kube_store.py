@@ -1,0 +1,59 @@
+"""DaskCluster objects through the Kubernetes API, for DaskJobs under the operator.
+
+kopf has no public client for creating other objects, so this uses the official
+`kubernetes` client (its blocking calls run in a thread so the operator's loop never waits
+on the network). The operator's CLI builds it from the in-cluster service account or the
+kubeconfig; tests point it at their API server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from .constants import GROUP, KIND_CLUSTER, VERSION, plural
+
+
+class KubeClusterStore:
+    def __init__(self, api: kubernetes.client.CustomObjectsApi) -> None:
+        self.api = api
+        self.args = (GROUP, VERSION)
+        self.plural = plural(KIND_CLUSTER)
+
+    @classmethod
+    def from_environment(cls) -> KubeClusterStore:
+        try:
+            kubernetes.config.load_incluster_config()
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config()
+        return cls(kubernetes.client.CustomObjectsApi())
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            found = await asyncio.to_thread(
+                self.api.get_namespaced_custom_object, *self.args, namespace, self.plural, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return found if isinstance(found, dict) else None
+
+    async def create(self, manifest: dict[str, Any]) -> None:
+        namespace = manifest["metadata"]["namespace"]
+        try:
+            await asyncio.to_thread(self.api.create_namespaced_custom_object, *self.args,
+                                    namespace, self.plural, manifest)
+        except ApiException as exc:
+            if exc.status != 409:  # created by an earlier, interrupted reconcile
+                raise
+
+    async def delete(self, namespace: str, name: str) -> None:
+        try:
+            await asyncio.to_thread(self.api.delete_namespaced_custom_object, *self.args,
+                                    namespace, self.plural, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise

@@ -30,6 +30,7 @@ import pytest
 
 from dask_hpc_operator.constants import GROUP, NAMES, VERSION
 from dask_hpc_operator.handlers import build_registry
+from dask_hpc_operator.kube_store import KubeClusterStore
 from dask_hpc_operator.reconcile import Runtime
 
 
@@ -97,7 +98,8 @@ def _settings() -> kopf.OperatorSettings:
 def run_operator(url: str, runtime: Runtime) -> Iterator[None]:
     """kopf in its own thread and event loop (kopf cancels foreign tasks of its loop on
     exit, which would include pytest-asyncio's)."""
-    registry = build_registry(runtime, kopf.OperatorRegistry(), timer_interval=1.0)
+    store = KubeClusterStore(custom_objects(url))
+    registry = build_registry(runtime, kopf.OperatorRegistry(), timer_interval=1.0, store=store)
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:

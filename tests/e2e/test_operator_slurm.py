@@ -143,3 +143,65 @@ async def test_worker_group_through_the_api(kube: StampingEmulator, operator: No
     async def cluster_gone() -> bool:
         return not live_slurm_jobs(cluster_uid)
     await wait_until(cluster_gone, 60, "the cluster's jobs to end")
+
+
+JOBS = (GROUP, VERSION, "default", "daskjobs")
+
+
+async def test_daskjob_through_the_api(kube: StampingEmulator, operator: None) -> None:
+    """A DaskJob created through the API creates its DaskCluster (an object of its own,
+    owned by the job), runs its script on SLURM, reaches Succeeded and removes the cluster.
+    Then the same name again: a re-created job starts afresh."""
+    api = custom_objects(str(kube.url).rstrip("/"))
+    call = asyncio.to_thread
+    script = ("from distributed import Client\n"
+              "with Client() as c:\n"
+              "    print('answer', c.submit(lambda x: x * 2, 21).result())\n")
+
+    async def run_once() -> dict[str, Any]:
+        job = {"apiVersion": API_VERSION, "kind": "DaskJob",
+               "metadata": {"name": "answer", "namespace": "default"},
+               "spec": {"job": {"script": script, "memory": "1GiB"},
+                        "cluster": {"backend": "slurm", "scheduler": {"memory": "1GiB"},
+                                    "worker": {"replicas": 1, "memory": "1GiB"}}}}
+        await call(api.create_namespaced_custom_object, *JOBS, job)
+
+        async def cluster_made() -> dict[str, Any] | None:
+            try:
+                return dict(await call(api.get_namespaced_custom_object, *ARGS, "answer"))
+            except kubernetes.client.ApiException:
+                return None
+        cluster = await wait_until(cluster_made, 30, "the job's DaskCluster")
+        owner = cluster["metadata"]["ownerReferences"][0]
+        assert owner["kind"] == "DaskJob" and owner["controller"] is True
+
+        async def finished() -> dict[str, Any] | None:
+            obj = await call(api.get_namespaced_custom_object, *JOBS, "answer")
+            status = obj.get("status") or {}
+            return obj if status.get("phase") in ("Succeeded", "Failed") else None
+        obj = await wait_until(finished, 120, "the DaskJob to finish")
+        status = obj["status"]
+        assert status["phase"] == "Succeeded", status
+        assert status["exitCode"] == 0 and status["clusterName"] == "answer"
+        with open(status["outputFile"]) as f:
+            assert "answer 42" in f.read()
+
+        async def cluster_gone() -> bool:
+            return await cluster_made() is None
+        await wait_until(cluster_gone, 60, "the job's cluster to be deleted")
+        for uid in (obj["metadata"]["uid"], cluster["metadata"]["uid"]):
+            assert live_slurm_jobs(uid) == []
+        return obj
+
+    first = await run_once()
+    await call(api.delete_namespaced_custom_object, *JOBS, "answer")
+
+    async def job_gone() -> bool:
+        try:
+            await call(api.get_namespaced_custom_object, *JOBS, "answer")
+        except kubernetes.client.ApiException as exc:
+            return exc.status == 404
+        return False
+    await wait_until(job_gone, 60, "the DaskJob's finalizer")
+    second = await run_once()
+    assert second["metadata"]["uid"] != first["metadata"]["uid"]

@@ -137,3 +137,40 @@ def test_render_heterogeneous_cluster_with_groups(config: Path) -> None:
     assert "#SBATCH -p highmem" in out and "--resources HIGHMEM=1" in out
     assert "#SBATCH --gres=gpu:4" in out and "-m dask cuda worker" in out
     assert "scheduler-ucx.json" in out
+
+
+def test_up_runs_the_readme_daskjob_to_its_exit_code(config: Path, tmp_path: Path) -> None:
+    """The README's main command: a DaskJob on the embedded default, output streamed."""
+    result = run(["up", "-f", "examples/job-local.yaml"], config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "connected to tcp://" in out and ": 2 workers" in out
+    assert "pi is about 3.14" in out
+    assert "daskjob default/estimate-pi Succeeded: the command exited with 0" in out
+    assert "daskcluster default/estimate-pi deleted, no job of it left" in out
+    output_files = list((tmp_path / "staging" / "jobs").glob("default/estimate-pi-*/output.log"))
+    assert len(output_files) == 1 and "pi is about" in output_files[0].read_text()
+    assert processes_under(tmp_path / "staging") == []
+
+
+def test_up_exits_with_a_failing_daskjob_exit_code(config: Path, tmp_path: Path) -> None:
+    job = yaml.safe_load((REPO / "examples/job-local.yaml").read_text())
+    job["spec"]["job"]["script"] = "print('partial result')\nraise SystemExit(5)\n"
+    job["spec"]["cluster"]["worker"]["replicas"] = 1
+    path = tmp_path / "fails.yaml"
+    path.write_text(yaml.safe_dump(job))
+    result = run(["up", "-f", str(path)], config)
+    assert result.returncode == 5, result.stdout + result.stderr
+    assert "partial result" in result.stdout
+    assert "Failed: the command exited with 5" in result.stdout
+    assert processes_under(tmp_path / "staging") == []
+
+
+def test_render_shows_a_daskjob_cluster_and_runner(config: Path) -> None:
+    result = run(["render", "-f", "examples/job-local.yaml", "--backend", "slurm"], config)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "distributed.cli.dask_scheduler" in out
+    assert "# ---- runner job dask.default.estimate-pi.runner.0" in out
+    assert "DASK_SCHEDULER_ADDRESS=" in out and "script.py" in out
+    assert "exit_code.tmp" in out

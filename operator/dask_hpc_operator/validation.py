@@ -199,7 +199,24 @@ def _check_env(env: list[dict[str, str]], field: str) -> None:
         seen.add(item["name"])
 
 
-def check_cluster_spec(spec: dict[str, Any], field: str = "spec") -> None:
+def _check_allocation(worker: dict[str, Any], field: str) -> None:
+    """In one MPI allocation each task runs one plain dask-mpi worker: what a worker
+    template asks beyond that cannot be honoured, so it is refused, not ignored."""
+    if (worker.get("cuda") or {}).get("enabled"):
+        raise ManifestError(f"{field}.cuda.enabled", "GPU (dask-cuda) workers cannot run in "
+                            "one MPI allocation", "use mode: jobs, or a DaskWorkerGroup for GPUs")
+    if worker.get("workerArgs"):
+        raise ManifestError(f"{field}.workerArgs", "is not used in an MPI allocation",
+                            "remove it, or use mode: jobs")
+    if worker["processes"] != 1:
+        raise ManifestError(f"{field}.processes", "an MPI allocation runs one worker per task",
+                            "set processes: 1 and raise replicas instead")
+
+
+def check_cluster_spec(spec: dict[str, Any], field: str = "spec",
+                       allocation: bool = False) -> None:
+    if allocation or spec.get("mode") == "allocation":
+        _check_allocation(spec["worker"], f"{field}.worker")
     scheduler = spec["scheduler"]
     parse_memory(scheduler["memory"], f"{field}.scheduler.memory")
     parse_walltime(scheduler["walltime"], f"{field}.scheduler.walltime")
@@ -242,7 +259,7 @@ def validate(manifest: Manifest) -> Manifest:
         parse_walltime(job["walltime"], "spec.job.walltime")
         spec.setdefault("cluster", {})
         apply_defaults(crd_schema.cluster_spec_schema(), spec["cluster"])
-        check_cluster_spec(spec["cluster"], "spec.cluster")
+        check_cluster_spec(spec["cluster"], "spec.cluster", spec["mode"] == "allocation")
     elif "worker" in spec and "scheduler" in spec:
         check_cluster_spec(spec)
     elif "worker" in spec:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from distributed import Client
 
 from dask_hpc_operator.embedded import Resource, Session
 from dask_hpc_operator.reconcile import Runtime
@@ -126,3 +127,44 @@ async def test_deleting_a_running_job_cancels_runner_and_cluster(site: SiteConfi
         await run.session.step()
         return not run.session.resources and not any(live_slurm_jobs(u) for u in run.uids)
     await wait_until(all_gone, 60, "the runner and the cluster's jobs to end")
+
+
+async def test_allocation_mode_runs_scheduler_client_and_workers_in_one_job(
+        site: SiteConfig, runs: list[Run]) -> None:
+    """4 MPI tasks (mpich, mpi4py, dask-mpi): scheduler, the script, 2 workers."""
+    runtime, runner = slurm_runtime(site)
+    run = Run(runtime, job_manifest("mpi", COMPUTE, mode="allocation", replicas=2))
+    runs.append(run)
+    status = await run.until("Succeeded", "Failed")
+    output = Path(status["outputFile"]).read_text()
+    assert status["phase"] == "Succeeded", (status, output)
+    assert "sum of squares: 328350 workers: 2" in output
+    assert runner.calls["sbatch"] == 1, "one allocation, one submission"
+    assert "clusterName" not in status
+    await run.settled()
+
+    failing = Run(runtime, job_manifest("mpi-fails", "raise SystemExit(4)\n",
+                                        mode="allocation", replicas=1))
+    runs.append(failing)
+    status = await failing.until("Succeeded", "Failed")
+    assert status["phase"] == "Failed" and status["exitCode"] == 4
+    await failing.settled()
+
+
+async def test_daskcluster_in_one_allocation(site: SiteConfig) -> None:
+    """spec.mode: allocation: the scheduler and 3 workers in one 4-task job; a client from
+    outside connects, computes; deleting the cluster ends the allocation."""
+    from helpers import Cluster, manifest
+
+    runtime, runner = slurm_runtime(site)
+    body = manifest("alloc", 3)
+    body["spec"]["mode"] = "allocation"
+    cluster = Cluster(runtime, body)
+    status = await cluster.until("Running", 3)
+    assert runner.calls["sbatch"] == 1
+    assert len(live_slurm_jobs(body["metadata"]["uid"])) == 1
+    async with Client(status["schedulerAddress"], asynchronous=True) as client:
+        names = [w["name"] for w in (await client.scheduler.identity())["workers"].values()]
+        assert sorted(names) == [f"dask.it.alloc.allocation.0-{rank}" for rank in (1, 2, 3)]
+        assert await client.submit(lambda x: x + 1, 41) == 42
+    await cluster.delete()

@@ -348,3 +348,29 @@ def test_integral_float_replicas_is_refused_or_normalised() -> None:
         assert exc.field == "spec.worker.replicas"
     else:
         assert isinstance(valid["spec"]["worker"]["replicas"], int)
+
+
+@pytest.mark.parametrize(("worker_fields", "field"), [
+    ({"cuda": {"enabled": True}, "gpus": 1}, "spec.worker.cuda.enabled"),
+    ({"workerArgs": ["--nworkers=2"]}, "spec.worker.workerArgs"),
+    ({"processes": 2, "cores": 2}, "spec.worker.processes"),
+])
+def test_allocation_refuses_what_it_cannot_honour(worker_fields: dict[str, Any],
+                                                 field: str) -> None:
+    with pytest.raises(ManifestError) as err:
+        validate(cluster({"mode": "allocation", "worker": worker_fields}))
+    assert err.value.field == field
+    with pytest.raises(ManifestError) as err:
+        validate(job({"command": ["python", "x.py"]}, mode="allocation",
+                     cluster={"worker": worker_fields}))
+    assert err.value.field == field.replace("spec.", "spec.cluster.", 1)
+    # The same template is fine for separate jobs.
+    validate(cluster({"worker": worker_fields}))
+
+
+def test_daskjob_needs_exactly_one_of_command_and_script() -> None:
+    for fields in ({}, {"command": ["true"], "script": "print(1)"}):
+        with pytest.raises(ManifestError) as err:
+            validate(job(fields))
+        assert err.value.field == "spec.job"
+    assert validate(job({"script": "print(1)"}))["spec"]["mode"] == "cluster"

@@ -195,3 +195,7 @@ class ObservedJob:
     reason: str = ""  # the batch system's word for why it waits or ended
     exit_code: int | None = None
     extra: dict[str, str] = field(default_factory=dict, compare=False)
+    # Epoch seconds where the batch system says (None where it does not, or not yet): the
+    # start drives replacement before the walltime, the end the back-off after failures.
+    started_at: float | None = None
+    ended_at: float | None = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dask.config
@@ -25,6 +25,7 @@ from dask_jobqueue.pbs import PBSJob
 from dask_jobqueue.slurm import SLURMJob
 
 from .backends.pbs import array_directive, pbs_job_name
+from .lifetime import Lifetime, worker_lifetime
 from .model import JobIdentity, JobRequest, JobTemplate, Role, RunnerCommand, compress_ranges
 
 JOB_CLASSES: dict[str, type[Job]] = {"slurm": SLURMJob, "pbs": PBSJob, "local": LocalJob}
@@ -73,6 +74,8 @@ class RenderContext:
     # Long, because the scheduler's own job may queue; the operator cancels workers of a
     # scheduler that is gone, so this only bounds orphans when the operator is down too.
     death_timeout: int = 900
+    # Preloaded by the scheduler (e.g. the per-group scaling handler), by path.
+    scheduler_preloads: tuple[str, ...] = ()
 
     @property
     def protocol(self) -> str:
@@ -218,8 +221,30 @@ def _job(ctx: RenderContext, identity: JobIdentity, template: JobTemplate,
     return cls(**kwargs)
 
 
+def _user_sets(args: tuple[str, ...], option: str) -> bool:
+    return any(a == option or a.startswith(option + "=") for a in args)
+
+
+def _walltime_lifetime(template: JobTemplate) -> Lifetime | None:
+    """The lifetime this module adds to a worker, or None where the user set their own
+    `--lifetime` (their choice wins) or the walltime is too short for one."""
+    if _user_sets(template.worker_args, "--lifetime"):
+        return None
+    return worker_lifetime(template.walltime)
+
+
 def worker_command_args(template: JobTemplate) -> list[str]:
+    """The worker command's extra arguments. Workers retire themselves before the walltime
+    (hpc_bridge.lifetime) so their results move to other workers instead of dying with the
+    job; `dask cuda worker` has no such options and gets the same values as environment
+    (see render_worker)."""
     args = list(template.worker_args)
+    lifetime = _walltime_lifetime(template)
+    if lifetime is not None and not template.cuda:
+        extra = lifetime.worker_args()
+        if _user_sets(template.worker_args, "--lifetime-stagger"):
+            extra = extra[:2]
+        args += extra
     if template.cuda and template.rmm_pool_size:
         args += ["--rmm-pool-size", template.rmm_pool_size]
     if template.cuda and template.device_memory_limit:
@@ -233,6 +258,9 @@ def worker_command_args(template: JobTemplate) -> list[str]:
 def render_worker(ctx: RenderContext, identity: JobIdentity, template: JobTemplate,
                   array: tuple[int, ...] = ()) -> JobRequest:
     """One worker job, or with `array` one job array whose tasks are these indices."""
+    lifetime = _walltime_lifetime(template)
+    if lifetime is not None and template.cuda:
+        template = replace(template, env=(*template.env, *lifetime.worker_env()))
     job = _job(ctx, identity, template, worker_command_args(template), array)
     return JobRequest(identity=identity, script=job.job_script(), log_dir=ctx.log_dir,
                       array=tuple(array))
@@ -250,6 +278,8 @@ def scheduler_command(ctx: RenderContext) -> str:
         parts += ["--protocol", ",".join(ctx.protocols), "--preload", ctx.preload_path]
     elif ctx.protocol != "tcp":
         parts += ["--protocol", ctx.protocol]
+    for preload in ctx.scheduler_preloads:
+        parts += ["--preload", preload]
     return " ".join(shlex.quote(p) for p in parts)
 
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -46,8 +47,32 @@ def _worker_view(info: dict[str, Any], address: str) -> WorkerView:
                       managed_bytes=int(metrics.get("managed_bytes", 0) or 0))
 
 
-async def observe(scheduler_file: str) -> DaskView | None:
-    """The scheduler's view, or None if it has not started or does not answer."""
+def group_query(namespace: str, cluster: str, name: str,
+                resources: tuple[tuple[str, float], ...]) -> dict[str, Any]:
+    """One worker group as the scaling handler takes it: workers are named after their
+    jobs, `dask.<ns>.<cluster>.<group>.<index>[-<process>]`."""
+    return {"name": name, "prefix": f"dask.{namespace}.{cluster}.{name}.",
+            "resources": dict(resources)}
+
+
+async def scaling_advice(address: str, groups: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The scheduler's per-group advice (hpc_bridge.preloads.scaling), or None when it
+    cannot be had (no scheduler, or one started without the preload)."""
+    try:
+        async with rpc(address, timeout=RPC_TIMEOUT_S) as scheduler:
+            answer = await asyncio.wait_for(scheduler.dask_hpc_scaling(groups=groups),
+                                            RPC_TIMEOUT_S)
+    except (OSError, asyncio.TimeoutError, ValueError, KeyError) as exc:
+        log.info("no scaling advice from %s: %s", address, exc)
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+async def observe(scheduler_file: str,
+                  groups: list[dict[str, Any]] | None = None) -> DaskView | None:
+    """The scheduler's view, or None if it has not started or does not answer. With
+    `groups`, also the order in which the scheduler would close their workers and since
+    when it has been idle (from the scaling handler; absent on older schedulers)."""
     info = read_scheduler_file(scheduler_file)
     if info is None:
         return None
@@ -59,7 +84,16 @@ async def observe(scheduler_file: str) -> DaskView | None:
         log.info("scheduler %s does not answer: %s", address, exc)
         return None
     workers = tuple(_worker_view(w, addr) for addr, w in (ident.get("workers") or {}).items())
-    return DaskView(address=address, dashboard_url=dashboard_url(info), workers=workers)
+    view = DaskView(address=address, dashboard_url=dashboard_url(info), workers=workers)
+    advice = await scaling_advice(address, groups) if groups else None
+    if advice is None:
+        return view
+    order = tuple(str(n) for g in (advice.get("groups") or {}).values()
+                  for n in g.get("to_close") or ())
+    idle = advice.get("idle_since")
+    return replace(view, close_order=order,
+                   idle_since=float(idle) if isinstance(idle, (int, float)) else None,
+                   clock=float(advice.get("time") or 0.0))
 
 
 async def retire(address: str, worker_names: list[str]) -> set[str]:

@@ -19,13 +19,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .constants import KIND_CLUSTER, KIND_JOB, KIND_WORKER_GROUP
+from .autoscaler_reconcile import AutoscalerReconciler
+from .constants import KIND_AUTOSCALER, KIND_CLUSTER, KIND_JOB, KIND_WORKER_GROUP
 from .job_planning import TERMINAL_PHASES
 from .job_reconcile import JobReconciler
 from .reconcile import GroupReconciler, Runtime
 from .validation import ManifestError, validate
 
-UP_KINDS = (KIND_CLUSTER, KIND_WORKER_GROUP, KIND_JOB)
+UP_KINDS = (KIND_CLUSTER, KIND_WORKER_GROUP, KIND_JOB, KIND_AUTOSCALER)
 
 LOOP_PERIOD_S = 0.5
 TEARDOWN_TIMEOUT_S = 120.0
@@ -81,16 +82,18 @@ class EmbeddedStore:
     def __init__(self, resources: list[Resource]) -> None:
         self.resources = resources
 
-    def find(self, namespace: str, name: str) -> Resource | None:
+    def find(self, namespace: str, name: str, kind: str = KIND_CLUSTER) -> Resource | None:
         for r in self.resources:
             meta = r.manifest["metadata"]
-            if r.kind == KIND_CLUSTER and meta["name"] == name \
-                    and meta["namespace"] == namespace:
+            if r.kind == kind and meta["name"] == name and meta["namespace"] == namespace:
                 return r
         return None
 
     async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
-        found = self.find(namespace, name)
+        return await self.get_object(KIND_CLUSTER, namespace, name)
+
+    async def get_object(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        found = self.find(namespace, name, kind)
         if found is None:
             return None
         meta = dict(found.manifest["metadata"])
@@ -105,6 +108,12 @@ class EmbeddedStore:
         found = self.find(namespace, name)
         if found is not None:
             found.deleting = True
+
+    async def scale(self, kind: str, namespace: str, name: str, replicas: int) -> None:
+        found = self.find(namespace, name, kind)
+        if found is not None and not found.deleting:
+            found.manifest["spec"]["worker"]["replicas"] = replicas
+            found.manifest["metadata"]["generation"] += 1
 
 
 class OutputTail:
@@ -170,6 +179,7 @@ class Session:
         self.resources = resources
         self.clusters = GroupReconciler(runtime)  # reconciles clusters too
         self.jobs = JobReconciler(runtime)
+        self.autoscalers = AutoscalerReconciler(runtime)
         self.store = EmbeddedStore(resources)
 
     def cluster_of(self, group: Resource) -> dict[str, Any] | None:
@@ -184,10 +194,14 @@ class Session:
             new = await self.clusters.reconcile(r.manifest, r.status)
         elif r.kind == KIND_WORKER_GROUP:
             new = await self.clusters.reconcile_group(r.manifest, r.status, self.cluster_of(r))
+        elif r.kind == KIND_AUTOSCALER:
+            new = await self.autoscalers.reconcile(r.manifest, r.status, self.store)
         else:
             new = await self.jobs.reconcile(r.manifest, r.status, self.store)
         r.status.update(new)
         r.status = {k: v for k, v in r.status.items() if v is not None}
+        if r.status.get("idleExpired"):
+            r.deleting = True
 
     async def step(self) -> list[Resource]:
         """One pass: reconcile every object, tear down those being deleted (dropping them
@@ -205,6 +219,8 @@ class Session:
         """Jobs of `r` still not ended; empty once it is gone."""
         if r.kind == KIND_JOB:
             return await self.jobs.teardown(r.manifest, self.store, keep_output=True)
+        if r.kind == KIND_AUTOSCALER:
+            return []
         return await self.clusters.teardown(r.manifest, whole_cluster=r.kind == KIND_CLUSTER)
 
 
@@ -256,7 +272,8 @@ async def up(runtime: Runtime, resources: list[Resource], command: list[str] | N
                 if r.kind == KIND_JOB and r.status.get("outputFile"):
                     tail.pump(r.status["outputFile"])
                 progress.show(r)
-                if _ready(r) and r.key not in announced and r.kind != KIND_JOB:
+                if _ready(r) and r.key not in announced and r.kind in (KIND_CLUSTER,
+                                                                        KIND_WORKER_GROUP):
                     announced.add(r.key)
                     progress.say(f"{r.key} is ready: scheduler {r.status['schedulerAddress']}"
                                  f", dashboard {r.status.get('dashboardURL') or '-'}")
@@ -275,9 +292,14 @@ async def up(runtime: Runtime, resources: list[Resource], command: list[str] | N
                                  f" (exit code {r.status.get('exitCode', '-')}); output in "
                                  f"{r.status.get('outputFile')}")
                 break
-            if command is not None and proc is None and all(map(_ready, resources)):
+            if not any(r.kind in (KIND_CLUSTER, KIND_JOB) for r in resources):
+                progress.say("nothing left to run")
+                break
+            if command is not None and proc is None and all(
+                    _ready(r) for r in resources if r.kind != KIND_AUTOSCALER):
                 env = dict(os.environ)
-                env["DASK_SCHEDULER_ADDRESS"] = resources[0].status["schedulerAddress"]
+                first = next(r for r in resources if r.kind == KIND_CLUSTER)
+                env["DASK_SCHEDULER_ADDRESS"] = first.status["schedulerAddress"]
                 proc = await asyncio.create_subprocess_exec(*command, env=env)
             if proc is not None and proc.returncode is not None:
                 exit_code = proc.returncode

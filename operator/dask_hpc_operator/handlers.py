@@ -13,16 +13,18 @@ from typing import Any
 
 import kopf
 
+from .autoscaler_reconcile import AutoscalerReconciler, ObjectStore
 from .constants import (
     FINALIZER,
     GROUP,
+    KIND_AUTOSCALER,
     KIND_CLUSTER,
     KIND_JOB,
     KIND_WORKER_GROUP,
     VERSION,
     plural,
 )
-from .job_reconcile import ClusterStore, JobReconciler
+from .job_reconcile import JobReconciler
 from .reconcile import ClusterReconciler, GroupReconciler, Runtime
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ def _manifest(body: kopf.Body) -> dict[str, Any]:
 
 def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = None,
                    timer_interval: float | None = None,
-                   store: ClusterStore | None = None) -> kopf.OperatorRegistry:
+                   store: ObjectStore | None = None) -> kopf.OperatorRegistry:
     """Register the handlers. The CLI passes kopf's default registry, whose fallback logins
     (kubeconfig, in-cluster service account) production needs; tests pass a fresh one and
     add a login handler for the emulator. `store` is how DaskJobs create their clusters
@@ -76,6 +78,9 @@ def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = No
                     "metadata": dict(body.metadata), "spec": dict(body.spec)}
         status = await reconciler.reconcile(manifest, dict(body.status), _event_sink(body))
         patch.status.update(status)
+        if status.get("idleExpired") and store is not None:
+            await store.delete(str(body.metadata.get("namespace") or "default"),
+                               str(body.metadata.get("name")))
 
     async def delete_cluster(body: kopf.Body, **_: Any) -> None:
         manifest = {"metadata": dict(body.metadata), "spec": dict(body.spec)}
@@ -135,7 +140,20 @@ def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = No
         if store is not None:
             _wait_for(await jobs.teardown(_manifest(body), store))
 
+    autoscalers = AutoscalerReconciler(runtime)
+
+    async def reconcile_autoscaler(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        if body.metadata.get("deletionTimestamp") or store is None:
+            return
+        patch.status.update(await autoscalers.reconcile(_manifest(body), dict(body.status),
+                                                        store, _event_sink(body)))
+
+    async def forget_autoscaler(**_: Any) -> None:
+        pass  # the target keeps its replicas; nothing of the autoscaler's own runs
+
     kopf.index(*resource, registry=registry, id="clusters_by_name")(clusters_by_name)
+    _register(registry, (GROUP, VERSION, plural(KIND_AUTOSCALER)), interval,
+              reconcile_autoscaler, forget_autoscaler)
     _register(registry, job_resource, interval, reconcile_job, delete_job)
     _register(registry, resource, interval, reconcile_cluster, delete_cluster)
     _register(registry, group_resource, interval, reconcile_group, delete_group)

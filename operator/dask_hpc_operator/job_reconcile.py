@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from hpc_bridge.allocation import render_allocation
 from hpc_bridge.backends.base import BatchSystemError
 from hpc_bridge.model import JobRequest, JobState, ObservedJob, RunnerCommand
 from hpc_bridge.poller import BatchedPoller, BatchSystemUnavailable
@@ -108,7 +109,6 @@ class JobReconciler:
         command = self._command(model, paths)
         identity = model.identity(0)
         if model.mode == "allocation":
-            from hpc_bridge.allocation import render_allocation  # TEMP until it lands
             return render_allocation(ctx, identity, model.worker, model.workers, command,
                                      self.runtime.site.mpi_launcher)
         return render_runner(ctx, identity, model.runner, command,

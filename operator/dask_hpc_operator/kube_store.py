@@ -32,9 +32,13 @@ class KubeClusterStore:
         return cls(kubernetes.client.CustomObjectsApi())
 
     async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self.get_object(KIND_CLUSTER, namespace, name)
+
+    async def get_object(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             found = await asyncio.to_thread(
-                self.api.get_namespaced_custom_object, *self.args, namespace, self.plural, name)
+                self.api.get_namespaced_custom_object, *self.args, namespace, plural(kind),
+                name)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -57,3 +61,8 @@ class KubeClusterStore:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+    async def scale(self, kind: str, namespace: str, name: str, replicas: int) -> None:
+        """What `kubectl scale` does through the scale subresource's specReplicasPath."""
+        await asyncio.to_thread(self.api.patch_namespaced_custom_object, *self.args, namespace,
+                                plural(kind), name, {"spec": {"worker": {"replicas": replicas}}})

@@ -79,6 +79,7 @@ class ClusterModel:
     scheduler: JobTemplate
     groups: tuple[GroupModel, ...]
     mode: str = "jobs"  # jobs | allocation (scheduler and default workers in one MPI job)
+    idle_timeout: int = 0  # seconds without tasks before the cluster deletes itself
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], site: SiteConfig) -> ClusterModel:
@@ -99,6 +100,7 @@ class ClusterModel:
             scheduler=scheduler_template(spec["scheduler"]),
             groups=(default,),
             mode=spec.get("mode", "jobs"),
+            idle_timeout=spec.get("idleTimeout", 0),
         )
 
     @property

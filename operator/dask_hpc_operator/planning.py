@@ -1,24 +1,85 @@
 """Desired versus observed, decided without I/O.
 
 `plan_cluster` says what to submit, cancel and retire; `cluster_status` says what to report.
-Both are pure functions of (model, observed jobs, what the Dask scheduler reports), which is
-what makes the reconcile idempotent: run it twice on the same observation and the second
-run plans nothing that the first one's actions (already visible in the poller) do not cover.
+Both are pure functions of (model, observed jobs, what the Dask scheduler reports, the time
+passed in), which is what makes the reconcile idempotent: run it twice on the same
+observation and the second run plans nothing that the first one's actions (already visible
+in the poller) do not cover. The time decides two things: which running jobs are near their
+walltime and replaced ahead of it (hpc_bridge.lifetime), and when a group whose jobs keep
+failing may submit again (FailurePolicy).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from hpc_bridge.lifetime import worker_lifetime
 from hpc_bridge.model import JobIdentity, JobState, ObservedJob, Role
 
 from .model import ClusterModel, GroupModel
+from .site_config import SiteConfig
 
-# A group whose jobs keep failing stops resubmitting (no submission storms on a broken
-# prologue); issue-specific back-off lives with the autoscaler work.
-MAX_VISIBLE_FAILURES = 3
+# Failures worth a condition: one failed job is an incident, two in a row a pattern.
+REPORT_STREAK = 2
+# The error output a condition carries: the newest failed job's last lines, bounded.
+TAIL_LINES = 20
+TAIL_CHARS = 2048
+
+
+@dataclass(frozen=True)
+class FailurePolicy:
+    """How a group whose worker jobs keep failing is retried (no submission storm on a
+    broken prologue, a bad module or a full filesystem; no give-up on one bad node).
+
+    With a streak of k failed jobs in a row, the next submission waits until the newest
+    failure's end + base · 2^(k-1) s (at most `max_delay_s`); from `limit` failures on the
+    group is not resubmitted until its spec changes or a worker job succeeds. A job that
+    failed after running `long_run_s` or more proved it could start: it ends the streak.
+    """
+
+    base_s: float = 5.0
+    max_delay_s: float = 300.0
+    limit: int = 5
+    long_run_s: float = 300.0
+
+    @classmethod
+    def of(cls, site: SiteConfig) -> FailurePolicy:
+        return cls(site.failure_backoff_base, site.failure_backoff_max, site.failure_limit)
+
+    def delay(self, streak: int) -> float:
+        return min(self.max_delay_s, self.base_s * 2 ** (streak - 1)) if streak > 0 else 0.0
+
+
+DEFAULT_FAILURE_POLICY = FailurePolicy()
+
+
+@dataclass(frozen=True)
+class FailureStreak:
+    """A group's worker jobs that failed in a row, newest first, and what the plan did."""
+
+    group: str
+    failed: tuple[ObservedJob, ...]
+    retry_in: float | None = None  # seconds until the next submission; None: not waiting
+    stopped: bool = False  # at the limit: not resubmitted until spec change or success
+
+    @property
+    def count(self) -> int:
+        return len(self.failed)
+
+    @property
+    def newest(self) -> ObservedJob:
+        return self.failed[0]
+
+    def summary(self) -> str:
+        text = f"group {self.group}: {self.count} worker jobs failed in a row"
+        if self.stopped:
+            return (f"{text}; stopped after {self.count} failures (until the spec changes "
+                    "or a worker job succeeds)")
+        if self.retry_in is not None:
+            return f"{text}; retrying in {self.retry_in:.0f} s"
+        return text
 
 
 @dataclass(frozen=True)
@@ -35,6 +96,10 @@ class DaskView:
     address: str
     dashboard_url: str
     workers: tuple[WorkerView, ...] = ()
+    # The scheduler's own choice (workers_to_close, per group): who can go, first first.
+    close_order: tuple[str, ...] = ()
+    idle_since: float | None = None  # the scheduler's clock; None while it has work
+    clock: float | None = None  # the scheduler's clock when asked
 
     def workers_of(self, job: ObservedJob) -> list[WorkerView]:
         return [w for w in self.workers if job.identity.owns_worker_name(w.name)]
@@ -53,6 +118,9 @@ class Plan:
     retire: list[Retirement] = field(default_factory=list)  # retire through Dask, then cancel
     failed: str = ""  # why the cluster cannot run; non-empty means phase Failed
     notes: list[str] = field(default_factory=list)  # said in status.message
+    # Running jobs near their walltime, already replaced: not counted in status.
+    expiring: set[str] = field(default_factory=set)
+    failures: list[FailureStreak] = field(default_factory=list)  # groups failing in a row
 
     @property
     def empty(self) -> bool:
@@ -110,15 +178,28 @@ def _plan_scale_down(live: list[ObservedJob], surplus: int, dask: DaskView | Non
     for job in unconnected[:surplus]:
         plan.cancel.append(job.job_id)
     surplus -= min(surplus, len(unconnected))
-    connected = sorted((j for j in running if dask.workers_of(j)),
-                       key=lambda j: (sum(w.managed_bytes for w in dask.workers_of(j)),
-                                      -j.identity.index))
+    # The scheduler chooses (workers_to_close: idle first, least data first); jobs it
+    # would not close yet come last, holding the least data first.
+    rank = {name: i for i, name in enumerate(dask.close_order)}
+
+    def closing_order(job: ObservedJob) -> tuple[int, int, int]:
+        names = [w.name for w in dask.workers_of(job)]
+        chosen = max((rank.get(n, len(rank)) for n in names), default=len(rank))
+        held = sum(w.managed_bytes for w in dask.workers_of(job))
+        return chosen, held, -job.identity.index
+
+    connected = sorted((j for j in running if dask.workers_of(j)), key=closing_order)
     for job in connected[:surplus]:
         plan.retire.append(Retirement(job.job_id, [w.name for w in dask.workers_of(job)]))
 
 
 def plan_cluster(model: ClusterModel, jobs: Sequence[ObservedJob], dask: DaskView | None,
-                 known_scheduler_job: str | None = None) -> Plan:
+                 known_scheduler_job: str | None = None, *, now: float,
+                 spec_changed: bool = False,
+                 policy: FailurePolicy = DEFAULT_FAILURE_POLICY) -> Plan:
+    """`now` (epoch seconds, the clock the backends' start and end times use) makes
+    walltime expiry and failure back-off decidable without reading a clock here;
+    `spec_changed` (the manifest's generation moved) lifts a failure stop once."""
     plan = Plan()
     sched = _scheduler_jobs(jobs)
     live_sched = [j for j in sched if j.state.live]
@@ -139,29 +220,101 @@ def plan_cluster(model: ClusterModel, jobs: Sequence[ObservedJob], dask: DaskVie
     if allocation:
         return plan  # the default group's workers live inside the allocation
     for group in model.groups:
-        plan_group(model.namespace, model.name, group, jobs, dask, plan)
+        plan_group(model.namespace, model.name, group, jobs, dask, plan, now=now,
+                   spec_changed=spec_changed, policy=policy)
     return plan
 
 
+def expiring_jobs(group: GroupModel, live: Sequence[ObservedJob], now: float
+                  ) -> list[ObservedJob]:
+    """Running jobs old enough to be replaced before their walltime (hpc_bridge.lifetime):
+    their workers retire on their own soon, so they no longer count toward replicas."""
+    life = worker_lifetime(group.template.walltime)
+    if life is None:
+        return []
+    return [j for j in live if j.state is JobState.RUNNING and j.started_at is not None
+            and now - j.started_at >= life.replace_after_s]
+
+
+def failure_streak(group_jobs: Sequence[ObservedJob], dask: DaskView | None,
+                   policy: FailurePolicy = DEFAULT_FAILURE_POLICY) -> list[ObservedJob]:
+    """The group's worker jobs that failed in a row, newest (highest index) first.
+
+    Counting stops at the first sign that jobs can work: a job that completed, one that was
+    cancelled (by us, a user or a preemption: not its fault), one that failed only after
+    running `long_run_s`, or a live job whose workers are connected. Queued or starting
+    jobs, and ended jobs whose outcome is unknown (GONE, ENDING), are passed over.
+    """
+    streak: list[ObservedJob] = []
+    for job in sorted(group_jobs, key=lambda j: -j.identity.index):
+        if job.state.live:
+            if dask is not None and dask.workers_of(job):
+                break
+            continue
+        if job.state is JobState.FAILED:
+            ran = (job.ended_at - job.started_at if job.ended_at is not None
+                   and job.started_at is not None else 0.0)
+            if ran >= policy.long_run_s:
+                break
+            streak.append(job)
+        elif job.state in (JobState.COMPLETED, JobState.CANCELLED):
+            break
+    return streak
+
+
+def _hold_back(streak: list[ObservedJob], now: float, spec_changed: bool,
+               policy: FailurePolicy) -> tuple[float | None, bool]:
+    """(seconds to wait before submitting, stopped) for a group with this failure streak."""
+    if not streak or spec_changed:
+        return None, False
+    if len(streak) >= policy.limit:
+        return None, True
+    ended = streak[0].ended_at
+    if ended is None:  # no end time known: the limit alone bounds the retries
+        return None, False
+    wait = ended + policy.delay(len(streak)) - now
+    return (wait, False) if wait > 0 else (None, False)
+
+
 def plan_group(namespace: str, cluster: str, group: GroupModel, jobs: Sequence[ObservedJob],
-               dask: DaskView | None, plan: Plan) -> Plan:
-    """One worker group's part of a plan (the default group, or a DaskWorkerGroup)."""
+               dask: DaskView | None, plan: Plan, *, now: float, spec_changed: bool = False,
+               policy: FailurePolicy = DEFAULT_FAILURE_POLICY) -> Plan:
+    """One worker group's part of a plan (the default group, or a DaskWorkerGroup).
+
+    Expiring jobs (near their walltime) do not count toward replicas, so their replacements
+    are submitted while they still serve, and they are never chosen for scale-down (they
+    leave on their own) except when the group scales to zero. Failed jobs are replaced
+    with back-off and a limit (FailurePolicy).
+    """
     group_jobs = _group_jobs(jobs, group)
     live = [j for j in group_jobs if j.state.live]
-    missing = group.replicas - len(live)
+    expiring = {j.job_id for j in expiring_jobs(group, live, now)}
+    fresh = [j for j in live if j.job_id not in expiring]
+    plan.expiring |= expiring
+    streak = failure_streak(group_jobs, dask, policy)
+    missing = group.replicas - len(fresh)
+    retry_in, stopped = _hold_back(streak, now, spec_changed, policy) if missing > 0 \
+        else (None, False)
+    if streak:
+        plan.failures.append(FailureStreak(group.name, tuple(streak), retry_in, stopped))
+    if expiring and missing > 0:
+        plan.notes.append(f"group {group.name}: {len(expiring)} worker job(s) near the end "
+                          "of their walltime are being replaced")
     if missing > 0:
-        failures = [j for j in group_jobs if j.state is JobState.FAILED]
-        connected = dask is not None and any(dask.workers_of(j) for j in live)
-        if len(failures) >= MAX_VISIBLE_FAILURES and not connected:
-            plan.notes.append(f"group {group.name}: {len(failures)} worker jobs failed "
-                              "in a row; not resubmitting until one succeeds or the spec "
-                              "changes")
+        if stopped or retry_in is not None:
+            plan.notes.append(plan.failures[-1].summary())
             return plan
+        if streak:
+            plan.notes.append(f"{plan.failures[-1].summary()}; retrying now")
         start = _next_index(group_jobs)
         plan.submit += [JobIdentity(namespace, cluster, group.owner_uid, Role.WORKER,
                                     group.name, start + i) for i in range(missing)]
-    elif missing < 0:
-        _plan_scale_down(live, -missing, dask, plan)
+        return plan
+    # Scale-down picks among fresh jobs: expiring ones are leaving anyway. Scaled to zero,
+    # nothing is to stay, so they go too (retired, their data moved, like the others).
+    pool = fresh if group.replicas else live
+    if len(pool) > group.replicas:
+        _plan_scale_down(pool, len(pool) - group.replicas, dask, plan)
     return plan
 
 
@@ -179,12 +332,48 @@ class GroupCounts:
                 "ready": self.ready}
 
 
-def group_counts(group: GroupModel, jobs: Sequence[ObservedJob],
-                 dask: DaskView | None) -> GroupCounts:
+def group_counts(group: GroupModel, jobs: Sequence[ObservedJob], dask: DaskView | None,
+                 expiring: Collection[str] = frozenset()) -> GroupCounts:
+    """Pending and running count the jobs that hold the group's replicas: an expiring job
+    (replaced before its walltime) is not one. Its connected workers still count as ready
+    while its replacement is not, so a walltime rollover keeps a Running group Running."""
     live = [j for j in _group_jobs(jobs, group) if j.state.live]
-    running = [j for j in live if j.state is JobState.RUNNING]
-    ready = [j for j in running if dask is not None and dask.workers_of(j)]
-    return GroupCounts(group.replicas, len(live) - len(running), len(running), len(ready))
+    fresh = [j for j in live if j.job_id not in expiring]
+    running = [j for j in fresh if j.state is JobState.RUNNING]
+    connected = [j for j in live if j.state is JobState.RUNNING
+                 and dask is not None and dask.workers_of(j)]
+    ready = sum(1 for j in connected if j.job_id not in expiring)
+    stand_ins = sum(1 for j in connected if j.job_id in expiring)
+    ready += min(stand_ins, max(0, group.replicas - ready))
+    return GroupCounts(group.replicas, len(fresh) - len(running), len(running), ready)
+
+
+def failing_condition(failures: Sequence[FailureStreak],
+                      error_tails: Mapping[str, str] | None) -> dict[str, str] | None:
+    """`WorkersFailing`, present only while some group's worker jobs fail in a row: which
+    group, how many, what the plan does about it, and the tail of the newest failed job's
+    error output (read by the reconcile, passed in by job id) so the cause is on the object."""
+    reported = [f for f in failures if f.count >= REPORT_STREAK]
+    if not reported:
+        return None
+    parts = []
+    for streak in reported:
+        job = streak.newest
+        how = job.reason or job.state.value.lower()
+        if job.exit_code is not None:
+            how += f", exit code {job.exit_code}"
+        text = f"{streak.summary()}; newest: job {job.job_id} ({how})"
+        tail = bounded_tail((error_tails or {}).get(job.job_id, ""))
+        parts.append(f"{text}; its error output ends with:\n{tail}" if tail else text)
+    return _condition("WorkersFailing", True, "RepeatedFailures", "\n".join(parts))
+
+
+def bounded_tail(text: str, lines: int = TAIL_LINES, chars: int = TAIL_CHARS) -> str:
+    """The last `lines` non-blank lines of `text`, and at most their last `chars` characters:
+    a condition is read in `kubectl describe`, and objects have a size limit."""
+    kept = [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
+    tail = "\n".join(kept)
+    return tail[-chars:] if len(tail) > chars else tail
 
 
 def _condition(type_: str, ok: bool, reason: str, message: str) -> dict[str, str]:
@@ -225,11 +414,13 @@ def allocation_counts(model: ClusterModel, jobs: Sequence[ObservedJob],
 
 def cluster_status(model: ClusterModel, jobs: Sequence[ObservedJob], dask: DaskView | None,
                    plan: Plan, old_conditions: Sequence[dict[str, Any]] = (),
-                   now: str = "") -> dict[str, Any]:
+                   now: str = "", error_tails: Mapping[str, str] | None = None
+                   ) -> dict[str, Any]:
+    """`error_tails`: job id -> the end of its error output, for the plan's failing groups."""
     if model.mode == "allocation":
         counts = [allocation_counts(model, jobs, dask)]
     else:
-        counts = [group_counts(g, jobs, dask) for g in model.groups]
+        counts = [group_counts(g, jobs, dask, plan.expiring) for g in model.groups]
     desired = sum(c.desired for c in counts)
     pending = sum(c.pending for c in counts)
     running = sum(c.running for c in counts)
@@ -268,6 +459,9 @@ def cluster_status(model: ClusterModel, jobs: Sequence[ObservedJob], dask: DaskV
                    "AllReady" if ready >= desired else "Waiting",
                    f"{ready}/{desired} workers connected to the scheduler"),
     ]
+    failing = failing_condition(plan.failures, error_tails)
+    if failing is not None:
+        conditions.append(failing)
     status: dict[str, Any] = {
         "phase": phase,
         "message": message,
@@ -286,9 +480,9 @@ def cluster_status(model: ClusterModel, jobs: Sequence[ObservedJob], dask: DaskV
 
 def group_status(group: GroupModel, jobs: Sequence[ObservedJob], dask: DaskView | None,
                  plan: Plan, cluster_problem: str, old_conditions: Sequence[dict[str, Any]],
-                 now: str) -> dict[str, Any]:
+                 now: str, error_tails: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Status of a DaskWorkerGroup; `cluster_problem` says why its cluster cannot serve it."""
-    counts = group_counts(group, jobs, dask)
+    counts = group_counts(group, jobs, dask, plan.expiring)
     group_jobs = [j for j in jobs if j.identity.role is Role.WORKER]
     if cluster_problem:
         phase, message = "Pending", cluster_problem
@@ -310,6 +504,9 @@ def group_status(group: GroupModel, jobs: Sequence[ObservedJob], dask: DaskView 
                    "AllReady" if counts.ready >= counts.desired else "Waiting",
                    f"{counts.ready}/{counts.desired} workers connected to the scheduler"),
     ]
+    failing = failing_condition(plan.failures, error_tails)
+    if failing is not None:
+        conditions.append(failing)
     return {
         "phase": phase,
         "message": message,

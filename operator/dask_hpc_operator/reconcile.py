@@ -11,24 +11,29 @@ import asyncio
 import datetime as dt
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hpc_bridge.allocation import render_allocation
 from hpc_bridge.backends.base import Backend, BatchSystemError, CommandRunner
 from hpc_bridge.backends.local import LocalBackend
 from hpc_bridge.backends.pbs import PbsBackend
 from hpc_bridge.backends.slurm import SlurmBackend
 from hpc_bridge.model import JobIdentity, JobRequest, JobState, ObservedJob, Role
 from hpc_bridge.poller import BatchedPoller, BatchSystemUnavailable
+from hpc_bridge.preloads import scaling as scaling_preload
 from hpc_bridge.scripts import LISTENERS_PRELOAD, RenderContext, render, render_worker
 
-from . import dask_rpc
+from . import dask_rpc, job_logs
+from .autoscaling import idle_expired
 from .model import ClusterModel, GroupModel
 from .planning import (
     SCHEDULER_ROLES,
     DaskView,
+    FailurePolicy,
     Plan,
     cluster_status,
     group_status,
@@ -41,6 +46,10 @@ from .validation import ManifestError, validate
 
 log = logging.getLogger(__name__)
 SUBMIT_CONCURRENCY = 8
+# The scaling handler's source, copied next to the scheduler file and preloaded by path, so
+# the compute nodes need only dask and distributed.
+SCALING_PRELOAD = Path(scaling_preload.__file__).read_text()
+SCALING_PRELOAD_NAME = "dask_hpc_scaling.py"
 
 EventSink = Callable[[str, str, str], None]  # (type: Normal|Warning, reason, message)
 
@@ -58,6 +67,20 @@ def unavailable_status(exc: Exception, old_conditions: list[Any]) -> dict[str, A
 
 def _no_events(_type: str, _reason: str, _message: str) -> None:
     pass
+
+
+def _spec_changed(manifest: dict[str, Any], old_status: dict[str, Any]) -> bool:
+    """The spec moved since the last reconcile: a group stopped after repeated failures
+    gets one more try (the edit may be the fix)."""
+    generation = manifest.get("metadata", {}).get("generation")
+    return bool(generation != old_status.get("observedGeneration"))
+
+
+def error_tails(backend: str, ctx: RenderContext, plan: Plan) -> dict[str, str]:
+    """The end of the error output of each failing group's newest failed job (file reads,
+    so here and not in the pure planner)."""
+    return {f.newest.job_id: job_logs.error_tail(backend, ctx.log_dir, f.newest)
+            for f in plan.failures}
 
 
 @dataclass
@@ -112,12 +135,13 @@ class ClusterReconciler:
             protocols=model.protocols,
             site_prologue=self.runtime.site.prologue,
             death_timeout=self.runtime.site.worker_death_timeout,
+            scheduler_preloads=(str(staging / SCALING_PRELOAD_NAME),),
         )
 
     def render_all(self, manifest: dict[str, Any]) -> list[JobRequest]:
         """The scripts a fresh cluster would submit (for `dask-hpc render`)."""
         model = ClusterModel.from_manifest(validate(manifest), self.runtime.site)
-        plan = plan_cluster(model, [], None)
+        plan = plan_cluster(model, [], None, now=time.time())
         ctx = self._context(model)
         sched = [self._render_scheduler(model, ctx, i) for i in plan.submit
                  if i.role in SCHEDULER_ROLES]
@@ -146,13 +170,24 @@ class ClusterReconciler:
             ctx = self._context(model)
             live_sched = any(j.identity.role in SCHEDULER_ROLES and j.state is JobState.RUNNING
                              for j in jobs)
-            dask = await dask_rpc.observe(ctx.scheduler_file) if live_sched else None
-            plan = plan_cluster(model, jobs, dask, old_status.get("schedulerJobId"))
+            dask = await dask_rpc.observe(ctx.scheduler_file, self._groups_query(model)) \
+                if live_sched else None
+            plan = plan_cluster(model, jobs, dask, old_status.get("schedulerJobId"),
+                                now=time.time(), spec_changed=_spec_changed(manifest, old_status),
+                                policy=FailurePolicy.of(self.runtime.site))
             notes = await self._act(model, ctx, plan, dask, poller, events)
             plan.notes += notes
             if not plan.empty:
                 jobs = poller.snapshot.owned_by(model.uid)
-            status = cluster_status(model, jobs, dask, plan, old_conditions, now_iso())
+            status = cluster_status(model, jobs, dask, plan, old_conditions, now_iso(),
+                                    error_tails(model.backend, ctx, plan))
+        if dask is not None and idle_expired(model.idle_timeout, dask.idle_since,
+                                             dask.clock or 0.0):
+            # The caller deletes the object (API or `up`); its finalizer ends the jobs.
+            status["idleExpired"] = True
+            status["message"] = (f"no task for {model.idle_timeout} s (spec.idleTimeout): "
+                                 "deleting the cluster")
+            events("Normal", "IdleTimeout", status["message"])
         status["stagingDirectory"] = str(Path(ctx.scheduler_file).parent)
         status["observedGeneration"] = manifest.get("metadata", {}).get("generation")
         if not status.get("schedulerJobId"):
@@ -222,6 +257,8 @@ class ClusterReconciler:
             dask_rpc.remove_stale_scheduler_files(ctx)
             if len(ctx.protocols) > 1:
                 Path(ctx.preload_path).write_text(LISTENERS_PRELOAD)
+            for preload in ctx.scheduler_preloads:
+                Path(preload).write_text(SCALING_PRELOAD)
             await one(self._render_scheduler(model, ctx, identity))
         workers = [i for i in identities if i.role is Role.WORKER]
         await asyncio.gather(*(one(r) for r in self._worker_requests(model, ctx, workers,
@@ -233,12 +270,16 @@ class ClusterReconciler:
             return [f"submission failed: {errors[0]}"]
         return []
 
+    @staticmethod
+    def _groups_query(model: ClusterModel) -> list[dict[str, Any]]:
+        return [dask_rpc.group_query(model.namespace, model.name, g.name, g.template.resources)
+                for g in model.groups]
+
     def _render_scheduler(self, model: ClusterModel, ctx: RenderContext,
                           identity: JobIdentity) -> JobRequest:
         """The scheduler's own job, or (mode allocation) the one MPI job holding the
         scheduler and the default group's workers."""
         if identity.role is Role.ALLOCATION:
-            from hpc_bridge.allocation import render_allocation  # TEMP until it lands
             default = model.groups[0]
             return render_allocation(ctx, identity, default.template, default.replicas, None,
                                      self.runtime.site.mpi_launcher)
@@ -327,14 +368,18 @@ class GroupReconciler(ClusterReconciler):
                 return unavailable_status(exc, old_conditions)
             jobs = snapshot.owned_by(group.owner_uid)
             ctx = self._context(model)
-            dask = await dask_rpc.observe(ctx.scheduler_file)
+            dask = await dask_rpc.observe(ctx.scheduler_file, self._groups_query(
+                replace(cmodel, groups=(cmodel.groups[0], group))))
             plan = Plan()
             if not problem:
-                plan_group(namespace, cluster_name, group, jobs, dask, plan)
+                plan_group(namespace, cluster_name, group, jobs, dask, plan, now=time.time(),
+                           spec_changed=_spec_changed(manifest, old_status),
+                           policy=FailurePolicy.of(self.runtime.site))
                 plan.notes += await self._act(model, ctx, plan, dask, poller, events)
                 if not plan.empty:
                     jobs = poller.snapshot.owned_by(group.owner_uid)
-        status = group_status(group, jobs, dask, plan, problem, old_conditions, now_iso())
+        status = group_status(group, jobs, dask, plan, problem, old_conditions, now_iso(),
+                              error_tails(model.backend, ctx, plan))
         status["observedGeneration"] = meta.get("generation")
         if status["phase"] != old_status.get("phase"):
             events("Normal", status["phase"], status["message"])
@@ -348,7 +393,8 @@ class GroupReconciler(ClusterReconciler):
         group = GroupModel.from_worker(meta["name"], meta["uid"], valid["spec"]["worker"])
         cmodel = ClusterModel.from_manifest(validate(cluster), self.runtime.site)
         model = replace(cmodel, groups=(group,))
-        plan = plan_group(cmodel.namespace, cmodel.name, group, [], None, Plan())
+        plan = plan_group(cmodel.namespace, cmodel.name, group, [], None, Plan(),
+                          now=time.time())
         return self._worker_requests(model, self._context(model), plan.submit,
                                      self.runtime.backend(model.backend))
 

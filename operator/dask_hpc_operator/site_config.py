@@ -47,6 +47,12 @@ class SiteConfig:
     worker_death_timeout: int = 900
     scheduler_timeout: float = 600.0  # how long a running scheduler job may take to write its file
     squeue_all_users: bool = False
+    # Worker jobs failing in a row: the k-th retry waits failureBackoffBase · 2^(k-1) s (at
+    # most failureBackoffMax) after the last failure; failureLimit failures stop retrying
+    # until the spec changes or a worker job succeeds (planning.FailurePolicy).
+    failure_backoff_base: float = 5.0
+    failure_backoff_max: float = 300.0
+    failure_limit: int = 5
     # How an allocation starts its MPI tasks; empty: the `mpiexec` beside `python` (the
     # mpich wheel's, which finds SLURM's and PBS's node lists itself). E.g. [srun, --mpi=pmix].
     mpi_launcher: tuple[str, ...] = ()
@@ -103,6 +109,9 @@ class SiteConfig:
                                   "argument without spaces or shell metacharacters")
         if self.min_poll_interval <= 0 or self.poll_interval < self.min_poll_interval:
             raise ConfigError("site config: pollInterval must be >= minPollInterval > 0")
+        if self.failure_limit < 1 or self.failure_backoff_max < self.failure_backoff_base:
+            raise ConfigError("site config: failureLimit must be >= 1 and failureBackoffMax "
+                              ">= failureBackoffBase")
 
 
 def _check_type(key: str, value: Any, default: Any) -> None:

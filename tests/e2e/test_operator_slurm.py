@@ -205,3 +205,40 @@ async def test_daskjob_through_the_api(kube: StampingEmulator, operator: None) -
     await wait_until(job_gone, 60, "the DaskJob's finalizer")
     second = await run_once()
     assert second["metadata"]["uid"] != first["metadata"]["uid"]
+
+
+async def test_autoscaler_scales_a_cluster_through_the_api(kube: StampingEmulator,
+                                                           operator: None) -> None:
+    """The autoscaler writes spec.worker.replicas through the API (what `kubectl scale`
+    does); the cluster's own reconcile then submits. Its minimum lifts an empty cluster."""
+    api = custom_objects(str(kube.url).rstrip("/"))
+    call = asyncio.to_thread
+    cluster = {"apiVersion": API_VERSION, "kind": "DaskCluster",
+               "metadata": {"name": "elastic", "namespace": "default"},
+               "spec": {"backend": "slurm", "scheduler": {"memory": "1GiB"},
+                        "worker": {"replicas": 0, "memory": "1GiB"}}}
+    scaler = {"apiVersion": API_VERSION, "kind": "DaskAutoscaler",
+              "metadata": {"name": "elastic-as", "namespace": "default"},
+              "spec": {"cluster": "elastic", "minimum": 1, "maximum": 3}}
+    await call(api.create_namespaced_custom_object, *ARGS, cluster)
+    await call(api.create_namespaced_custom_object, GROUP, VERSION, "default",
+               "daskautoscalers", scaler)
+
+    async def one_ready() -> dict[str, Any] | None:
+        obj = await call(api.get_namespaced_custom_object, *ARGS, "elastic")
+        ready = ((obj.get("status") or {}).get("workers") or {}).get("ready")
+        return obj if obj["spec"]["worker"]["replicas"] == 1 and ready == 1 else None
+    obj = await wait_until(one_ready, 120, "the autoscaler's minimum to be applied")
+    assert obj["metadata"]["generation"] >= 1
+    scaled = await call(api.get_namespaced_custom_object, GROUP, VERSION, "default",
+                        "daskautoscalers", "elastic-as")
+    assert scaled["status"]["desiredWorkers"] == 1
+    assert "minimum is 1: 0 -> 1" in scaled["status"]["message"] or scaled["status"][
+        "lastScaleTime"]
+    uid = obj["metadata"]["uid"]
+    await call(api.delete_namespaced_custom_object, *ARGS, "elastic")
+    await wait_until(lambda: _no_jobs(uid), 60, "the cluster's jobs to end")
+
+
+async def _no_jobs(uid: str) -> bool:
+    return not live_slurm_jobs(uid)

@@ -138,10 +138,12 @@ def test_site_prologue_comes_before_user_prologue() -> None:
 
 
 def test_worker_command_args() -> None:
-    assert worker_command_args(JobTemplate()) == []
+    # The default walltime (1 h) gives every worker a lifetime (hpc_bridge.lifetime).
+    lifetime = ["--lifetime", "3240s", "--lifetime-stagger", "120s"]
+    assert worker_command_args(JobTemplate()) == lifetime
     assert worker_command_args(JobTemplate(worker_args=("--a", "b"),
                                            resources=(("GPU", 1.0), ("MEM", 0.5)))) == \
-        ["--a", "b", "--resources", "GPU=1,MEM=0.5"]
+        ["--a", "b", *lifetime, "--resources", "GPU=1,MEM=0.5"]
 
 
 def test_slurm_scheduler_script() -> None:

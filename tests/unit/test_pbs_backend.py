@@ -19,7 +19,7 @@ import pytest
 
 from dask_hpc_operator.constants import API_VERSION
 from dask_hpc_operator.model import ClusterModel
-from dask_hpc_operator.planning import MAX_VISIBLE_FAILURES, plan_cluster
+from dask_hpc_operator.planning import DEFAULT_FAILURE_POLICY, plan_cluster
 from dask_hpc_operator.reconcile import Runtime
 from dask_hpc_operator.site_config import SiteConfig
 from dask_hpc_operator.validation import validate
@@ -54,6 +54,7 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "pbs"
 UID = "6f1c2d4e-5a6b-4c7d-8e9f-0a1b2c3d4e5f"  # the uid the adapted fixtures carry
 PYTHON = "/opt/conda/bin/python"
 LOGS = "/scratch/ab12/dask/c1/logs"
+NOW_S = 1_700_000_000.0  # the reconcile's clock in plans: after every recorded transcript
 
 
 def ident(role: Role = Role.WORKER, index: int = 0, uid: str = UID) -> JobIdentity:
@@ -147,7 +148,8 @@ def test_cpu_worker_script_exactly() -> None:
         f"export DASK_HPC_IDENTITY={WORKER_ID}",
         f"{PYTHON} -m distributed.cli.dask_worker --scheduler-file "
         "/scratch/ab12/dask/c1/scheduler.json --name dask.default.c1.default.0 --nthreads 8 "
-        "--memory-limit 16.00GiB --nanny --death-timeout 900",
+        "--memory-limit 16.00GiB --nanny --death-timeout 900 --lifetime 8400s "
+        "--lifetime-stagger 200s",
         "",
     ])
 
@@ -720,7 +722,7 @@ def test_plan_submits_nothing_while_jobs_queue_or_run() -> None:
     held = observe_all(parse_qstat_json(transcript("qstat-json-held-buildtest.txt").stdout))
     jobs = sched + queued + held  # scheduler R, worker 0 Q, worker 1 H
     assert [j.state for j in jobs] == [JobState.RUNNING, JobState.PENDING, JobState.PENDING]
-    plan = plan_cluster(cluster(), jobs, None)
+    plan = plan_cluster(cluster(), jobs, None, now=NOW_S)
     assert plan.empty and not plan.failed
 
 
@@ -730,7 +732,7 @@ def test_plan_replaces_a_worker_that_failed() -> None:
     failed = observe_all(parse_qstat_text(transcript("qstat-text-history-failed.txt").stdout))
     held = observe_all(parse_qstat_json(transcript("qstat-json-held-buildtest.txt").stdout))
     assert [j.state for j in failed] == [JobState.FAILED]
-    plan = plan_cluster(cluster(), sched + failed + held, None)
+    plan = plan_cluster(cluster(), sched + failed + held, None, now=NOW_S)
     assert plan.submit == [ident(index=2)]  # worker 0 failed: a new index replaces it
     assert not plan.cancel and not plan.failed
 
@@ -738,16 +740,17 @@ def test_plan_replaces_a_worker_that_failed() -> None:
 def test_plan_stops_resubmitting_after_repeated_failures() -> None:
     (record,) = parse_qstat_text(transcript("qstat-text-history-failed.txt").stdout).values()
     failures = [observe(f"{n}.mycluster", {**record, "Variable_List": {
-        "DASK_HPC_IDENTITY": ident(index=n).comment()}}) for n in range(MAX_VISIBLE_FAILURES)]
+        "DASK_HPC_IDENTITY": ident(index=n).comment()}})
+        for n in range(DEFAULT_FAILURE_POLICY.limit)]
     sched = observe_all(parse_qstat_json(
         transcript("qstat-json-running-metacentrum.txt").stdout))
     jobs = sched + [j for j in failures if j is not None]
-    plan = plan_cluster(cluster(), jobs, None)
+    plan = plan_cluster(cluster(), jobs, None, now=NOW_S)
     assert plan.submit == [] and "failed in a row" in plan.notes[0]
 
 
 def test_plan_after_a_purged_scheduler_fails_the_cluster() -> None:
     gone = ObservedJob("12860476.meta-pbs.metacentrum.cz", ident(Role.SCHEDULER),
                        JobState.GONE, "unknown to qstat (purged from history)")
-    plan = plan_cluster(cluster(), [gone], None)
+    plan = plan_cluster(cluster(), [gone], None, now=NOW_S)
     assert "scheduler job 12860476.meta-pbs.metacentrum.cz ended (gone" in plan.failed

@@ -8,7 +8,7 @@ import pytest
 
 from dask_hpc_operator.model import ClusterModel, GroupModel
 from dask_hpc_operator.planning import (
-    MAX_VISIBLE_FAILURES,
+    DEFAULT_FAILURE_POLICY,
     DaskView,
     Plan,
     Retirement,
@@ -23,6 +23,7 @@ from hpc_bridge.model import JobIdentity, JobState, JobTemplate, ObservedJob, Ro
 NS, NAME, UID = "default", "c1", "uid-1"
 NOW = "2024-01-01T00:00:00Z"
 LATER = "2024-01-01T01:00:00Z"
+NOW_S = 1_704_067_200.0  # NOW in epoch seconds: the plans' clock
 
 
 def model(replicas: int = 2, *groups: GroupModel) -> ClusterModel:
@@ -73,7 +74,7 @@ def as_observed(plan: Plan, state: JobState = JobState.PENDING) -> list[Observed
 # --- plan_cluster --------------------------------------------------------------------------
 
 def test_fresh_cluster_submits_scheduler_and_workers() -> None:
-    plan = plan_cluster(model(3), [], None)
+    plan = plan_cluster(model(3), [], None, now=NOW_S)
     assert plan.submit[0] == ident(Role.SCHEDULER, 0)
     assert submitted(plan, Role.WORKER) == [ident(Role.WORKER, i) for i in range(3)]
     assert plan.cancel == [] and plan.retire == []
@@ -83,44 +84,45 @@ def test_fresh_cluster_submits_scheduler_and_workers() -> None:
 
 def test_plan_is_idempotent() -> None:
     m = model(3)
-    first = plan_cluster(m, [], None)
+    first = plan_cluster(m, [], None, now=NOW_S)
     observed = as_observed(first)
     for _ in range(2):
-        again = plan_cluster(m, observed, None)
+        again = plan_cluster(m, observed, None, now=NOW_S)
         assert again.empty, again
         assert again.failed == ""
 
 
 def test_running_cluster_plans_nothing() -> None:
     jobs = [sched(), worker(0), worker(1)]
-    plan = plan_cluster(model(2), jobs, view(jobs[1], jobs[2]), known_scheduler_job="s0")
+    plan = plan_cluster(model(2), jobs, view(jobs[1], jobs[2]), known_scheduler_job="s0",
+                        now=NOW_S)
     assert plan.empty
     assert plan.notes == []
 
 
 def test_scale_up_uses_next_indices() -> None:
     jobs = [sched(), worker(0), worker(1)]
-    plan = plan_cluster(model(4), jobs, view(*jobs[1:]))
+    plan = plan_cluster(model(4), jobs, view(*jobs[1:]), now=NOW_S)
     assert plan.submit == [ident(Role.WORKER, 2), ident(Role.WORKER, 3)]
     assert plan.cancel == []
 
 
 def test_scale_up_skips_indices_of_ended_jobs() -> None:
     jobs = [sched(), worker(0), worker(1), worker(2, JobState.COMPLETED)]
-    plan = plan_cluster(model(4), jobs, view(*jobs[1:3]))
+    plan = plan_cluster(model(4), jobs, view(*jobs[1:3]), now=NOW_S)
     assert plan.submit == [ident(Role.WORKER, 3), ident(Role.WORKER, 4)]
 
 
 def test_replaces_a_failed_worker() -> None:
     jobs = [sched(), worker(0), worker(1, JobState.FAILED)]
-    plan = plan_cluster(model(2), jobs, view(jobs[1]))
+    plan = plan_cluster(model(2), jobs, view(jobs[1]), now=NOW_S)
     assert plan.submit == [ident(Role.WORKER, 2)]
 
 
 def test_scale_down_cancels_pending_first_highest_index_first() -> None:
     jobs = [sched(), worker(0), worker(1), worker(2, JobState.PENDING),
             worker(3, JobState.PENDING), worker(4, JobState.PENDING)]
-    plan = plan_cluster(model(3), jobs, view(*jobs[1:3]))
+    plan = plan_cluster(model(3), jobs, view(*jobs[1:3]), now=NOW_S)
     assert plan.cancel == ["w4", "w3"]
     assert plan.retire == []
     assert plan.submit == []
@@ -130,7 +132,7 @@ def test_scale_down_then_unconnected_then_least_data() -> None:
     jobs = [sched(), worker(0), worker(1), worker(2), worker(3), worker(4, JobState.PENDING)]
     dask = view(("dask.default.c1.default.0", 500), ("dask.default.c1.default.1", 10),
                 ("dask.default.c1.default.2", 200))  # w3 runs but never connected
-    plan = plan_cluster(model(1), jobs, dask)
+    plan = plan_cluster(model(1), jobs, dask, now=NOW_S)
     assert plan.cancel == ["w4", "w3"]
     assert plan.retire == [Retirement("w1", ["dask.default.c1.default.1"]),
                            Retirement("w2", ["dask.default.c1.default.2"])]
@@ -141,7 +143,7 @@ def test_scale_down_sums_bytes_of_multi_process_jobs() -> None:
     jobs = [sched(), worker(0), worker(1)]
     dask = view(("dask.default.c1.default.0-0", 60), ("dask.default.c1.default.0-1", 60),
                 ("dask.default.c1.default.1-0", 100), ("dask.default.c1.default.1-1", 0))
-    plan = plan_cluster(model(1), jobs, dask)
+    plan = plan_cluster(model(1), jobs, dask, now=NOW_S)
     assert plan.cancel == []
     assert plan.retire == [Retirement("w1", ["dask.default.c1.default.1-0",
                                              "dask.default.c1.default.1-1"])]
@@ -150,14 +152,14 @@ def test_scale_down_sums_bytes_of_multi_process_jobs() -> None:
 def test_index_1_is_not_connected_through_worker_of_index_10() -> None:
     jobs = [sched(), worker(1), worker(10)]
     dask = view(("dask.default.c1.default.10", 5))
-    plan = plan_cluster(model(1), jobs, dask)
+    plan = plan_cluster(model(1), jobs, dask, now=NOW_S)
     assert plan.cancel == ["w1"]  # running but not connected: cheapest
     assert plan.retire == []
 
 
 def test_scale_down_without_scheduler_keeps_running_workers() -> None:
     jobs = [sched(), worker(0), worker(1), worker(2), worker(3, JobState.PENDING)]
-    plan = plan_cluster(model(1), jobs, None)
+    plan = plan_cluster(model(1), jobs, None, now=NOW_S)
     assert plan.cancel == ["w3"]
     assert plan.retire == []
     assert plan.notes == ["2 running worker(s) kept until the scheduler can retire them"]
@@ -165,7 +167,7 @@ def test_scale_down_without_scheduler_keeps_running_workers() -> None:
 
 def test_scale_to_zero() -> None:
     jobs = [sched(), worker(0), worker(1, JobState.PENDING)]
-    plan = plan_cluster(model(0), jobs, view(jobs[1]))
+    plan = plan_cluster(model(0), jobs, view(jobs[1]), now=NOW_S)
     assert plan.cancel == ["w1"]
     assert plan.retire == [Retirement("w0", ["dask.default.c1.default.0"])]
     assert plan.submit == []
@@ -176,7 +178,7 @@ def test_scale_to_zero() -> None:
 def test_scheduler_ended_fails_cluster(state: JobState) -> None:
     jobs = [sched("s0", state, reason="NonZeroExitCode"), worker(0),
             worker(1, JobState.PENDING), worker(2, JobState.FAILED)]
-    plan = plan_cluster(model(3), jobs, None, known_scheduler_job="s0")
+    plan = plan_cluster(model(3), jobs, None, known_scheduler_job="s0", now=NOW_S)
     assert plan.failed == f"scheduler job s0 ended ({state.value.lower()}, NonZeroExitCode)"
     assert plan.cancel == ["w0", "w1"]
     assert plan.submit == []
@@ -184,20 +186,20 @@ def test_scheduler_ended_fails_cluster(state: JobState) -> None:
 
 
 def test_scheduler_failure_without_reason() -> None:
-    plan = plan_cluster(model(1), [sched("s0", JobState.FAILED)], None)
+    plan = plan_cluster(model(1), [sched("s0", JobState.FAILED)], None, now=NOW_S)
     assert plan.failed == "scheduler job s0 ended (failed)"
 
 
 def test_scheduler_vanished_fails_cluster() -> None:
     jobs = [worker(0), worker(1)]
-    plan = plan_cluster(model(2), jobs, None, known_scheduler_job="77")
+    plan = plan_cluster(model(2), jobs, None, known_scheduler_job="77", now=NOW_S)
     assert plan.failed == "scheduler job 77 is no longer known to the batch system"
     assert plan.cancel == ["w0", "w1"]
     assert plan.submit == []
 
 
 def test_live_scheduler_with_other_known_id_is_fine() -> None:
-    plan = plan_cluster(model(0), [sched("s9")], None, known_scheduler_job="77")
+    plan = plan_cluster(model(0), [sched("s9")], None, known_scheduler_job="77", now=NOW_S)
     assert plan.failed == ""
     assert plan.empty
 
@@ -205,7 +207,7 @@ def test_live_scheduler_with_other_known_id_is_fine() -> None:
 def test_extra_scheduler_is_cancelled() -> None:
     jobs = [sched("s1", JobState.PENDING, index=1), sched("s0", JobState.RUNNING, index=0),
             worker(0)]
-    plan = plan_cluster(model(1), jobs, None)
+    plan = plan_cluster(model(1), jobs, None, now=NOW_S)
     assert plan.cancel == ["s1"]
     assert submitted(plan, Role.SCHEDULER) == []
     assert plan.failed == ""
@@ -213,31 +215,41 @@ def test_extra_scheduler_is_cancelled() -> None:
 
 def test_cancelled_extra_scheduler_does_not_fail_cluster() -> None:
     jobs = [sched("s1", JobState.ENDING, index=1), sched("s0", JobState.RUNNING), worker(0)]
-    plan = plan_cluster(model(1), jobs, None)
+    plan = plan_cluster(model(1), jobs, None, now=NOW_S)
     assert plan.failed == ""
     assert plan.empty
 
 
 def test_repeated_worker_failures_stop_resubmission() -> None:
-    jobs = [sched()] + [worker(i, JobState.FAILED) for i in range(MAX_VISIBLE_FAILURES)]
-    plan = plan_cluster(model(2), jobs, view())
+    limit = DEFAULT_FAILURE_POLICY.limit
+    jobs = [sched()] + [worker(i, JobState.FAILED) for i in range(limit)]
+    plan = plan_cluster(model(2), jobs, view(), now=NOW_S)
     assert plan.submit == []
     assert plan.failed == ""
     assert len(plan.notes) == 1
-    assert plan.notes[0].startswith("group default: 3 worker jobs failed in a row")
+    assert plan.notes[0].startswith(f"group default: {limit} worker jobs failed in a row; "
+                                    f"stopped after {limit} failures")
 
 
 def test_failures_below_threshold_resubmit() -> None:
-    jobs = [sched()] + [worker(i, JobState.FAILED) for i in range(MAX_VISIBLE_FAILURES - 1)]
-    plan = plan_cluster(model(1), jobs, view())
-    assert plan.submit == [ident(Role.WORKER, MAX_VISIBLE_FAILURES - 1)]
+    limit = DEFAULT_FAILURE_POLICY.limit
+    jobs = [sched()] + [worker(i, JobState.FAILED) for i in range(limit - 1)]
+    plan = plan_cluster(model(1), jobs, view(), now=NOW_S)
+    assert plan.submit == [ident(Role.WORKER, limit - 1)]
 
 
 def test_failures_with_a_connected_worker_resubmit() -> None:
     jobs = [sched(), worker(0)] + [worker(i, JobState.FAILED) for i in range(1, 4)]
-    plan = plan_cluster(model(2), jobs, view(jobs[1]))
+    plan = plan_cluster(model(2), jobs, view(jobs[1]), now=NOW_S)
     assert plan.submit == [ident(Role.WORKER, 4)]
-    assert plan.notes == []
+    # The failures are newer than the connected worker: they are still a streak (without
+    # end times there is no back-off to wait for, only the limit).
+    assert plan.notes == ["group default: 3 worker jobs failed in a row; retrying now"]
+    # A connected worker newer than the failures ends the streak.
+    jobs = [sched(), worker(4)] + [worker(i, JobState.FAILED) for i in range(1, 4)]
+    plan = plan_cluster(model(2), jobs, view(jobs[1]), now=NOW_S)
+    assert plan.submit == [ident(Role.WORKER, 5)]
+    assert plan.notes == [] and plan.failures == []
 
 
 def test_groups_are_planned_separately() -> None:
@@ -247,7 +259,7 @@ def test_groups_are_planned_separately() -> None:
             worker(1, group="gpu", uid="uid-gpu", state=JobState.PENDING),
             # a job of a previous DaskWorkerGroup called gpu (another uid) is not counted
             worker(5, group="gpu", uid="uid-old")]
-    plan = plan_cluster(m, jobs, view(*jobs[1:4]))
+    plan = plan_cluster(m, jobs, view(*jobs[1:4]), now=NOW_S)
     assert plan.submit == []
     assert plan.cancel == ["gpu-w1"]
 
@@ -256,7 +268,7 @@ def test_groups_are_planned_separately() -> None:
 
 def status(m: ClusterModel, jobs: Sequence[ObservedJob], dask: DaskView | None,
            plan: Plan | None = None, old: Sequence[dict[str, str]] = ()) -> dict:
-    plan = plan if plan is not None else plan_cluster(m, jobs, dask)
+    plan = plan if plan is not None else plan_cluster(m, jobs, dask, now=NOW_S)
     return cluster_status(m, jobs, dask, plan, old, NOW)
 
 
@@ -344,7 +356,8 @@ def test_status_message_carries_notes() -> None:
 def test_status_keeps_transition_time_unless_status_flips() -> None:
     jobs = [sched(), worker(0)]
     first = status(model(1), jobs, None)
-    second = cluster_status(model(1), jobs, view(jobs[1]), plan_cluster(model(1), jobs, None),
+    second = cluster_status(model(1), jobs, view(jobs[1]),
+                            plan_cluster(model(1), jobs, None, now=NOW_S),
                             first["conditions"], LATER)
     cond = conditions(second)
     assert cond["Accepted"]["lastTransitionTime"] == NOW  # True -> True

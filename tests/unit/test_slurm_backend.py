@@ -76,15 +76,18 @@ def test_blank_state_is_running() -> None:
 
 # --- parse_squeue --------------------------------------------------------------------------
 
+T0, T1 = "2024-05-01T12:00:00", "2024-05-01T12:05:00"
+NA = "N/A|N/A|0:00"  # %S|%e|%M of a job that has not started
 SQUEUE_OUTPUT = "\n".join([
-    f"12|PENDING|Priority|N/A|{C}:worker:default:0",
-    f"13|RUNNING|None|N/A|{C}:worker:default:1",
-    "99|RUNNING|None|N/A|(null)",
-    f"14_2|RUNNING|None|2|{C}:worker:default:2",
-    f"14_[3-5]|PENDING|JobArrayTaskLimit|3-5%2|{C}:worker:default:2",
-    "100|PENDING|Resources|N/A|someone's | comment | with pipes",
-    f"15|PENDING|Resources|N/A|{C}:scheduler:default:0",
-    f"16|COMPLETING|None|N/A|{C}:worker:default:4",
+    f"12|PENDING|Priority|N/A|{NA}|12|{C}:worker:default:0",
+    f"13|RUNNING|None|N/A|{T0}|2024-05-01T13:00:00|5:00|13|{C}:worker:default:1",
+    f"99|RUNNING|None|N/A|{T0}|{T1}|5:00|99|(null)",
+    f"14_2|RUNNING|None|2|{T0}|2024-05-01T13:00:00|5:00|17|{C}:worker:default:2",
+    f"14_[3-5]|PENDING|JobArrayTaskLimit|3-5%2|{NA}|14|{C}:worker:default:2",
+    f"100|PENDING|Resources|N/A|{NA}|100|someone's | comment | with pipes",
+    f"15|PENDING|Resources|N/A|2024-05-01T14:00:00|2024-05-01T15:00:00|0:00|15|"
+    f"{C}:scheduler:default:0",
+    f"16|COMPLETING|None|N/A|{T0}|{T1}|5:00|16|{C}:worker:default:4",
     "garbage line without separators",
     "",
 ]) + "\n"
@@ -110,12 +113,14 @@ def test_parse_squeue() -> None:
 def test_parse_squeue_comment_with_pipe_keeps_columns() -> None:
     # The comment is the last field and split at most 3 times: a '|' in it cannot shift
     # the other columns; an identity followed by junk is not ours.
-    text = f"20|RUNNING|None|N/A|{C}:worker:default:0|junk\n21|RUNNING|None|N/A|a|b|c\n"
+    text = (f"20|RUNNING|None|N/A|{NA}|20|{C}:worker:default:0|junk\n"
+            f"21|RUNNING|None|N/A|{NA}|21|a|b|c\n")
     assert parse_squeue(text) == []
 
 
 def test_parse_squeue_strips_padding() -> None:
-    jobs = parse_squeue(f"  12 |PENDING |Priority | N/A | {C}:worker:default:0 \n")
+    jobs = parse_squeue(f"  12 |PENDING |Priority | N/A | N/A | N/A | 0:00 | 12 | "
+                        f"{C}:worker:default:0 \n")
     assert [(j.job_id, j.state, j.reason) for j in jobs] == [
         ("12", JobState.PENDING, "Priority")]
 
@@ -143,10 +148,10 @@ def test_parse_sacct() -> None:
     ])
     found = parse_sacct(text)
     assert found == {
-        "123": (JobState.COMPLETED, 0, "COMPLETED"),
-        "124": (JobState.FAILED, 3, "FAILED"),
-        "125": (JobState.CANCELLED, 137, "CANCELLED by 0"),
-        "126_1": (JobState.FAILED, 0, "TIMEOUT"),
+        "123": (JobState.COMPLETED, 0, "COMPLETED", None, None),
+        "124": (JobState.FAILED, 3, "FAILED", None, None),
+        "125": (JobState.CANCELLED, 137, "CANCELLED by 0", None, None),
+        "126_1": (JobState.FAILED, 0, "TIMEOUT", None, None),
     }
 
 
@@ -206,7 +211,7 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSlurm:
 
 
 def squeue_lines(*rows: tuple[str, str, str, int]) -> str:
-    return "".join(f"{jid}|{state}|{reason}|N/A|{C}:worker:default:{i}\n"
+    return "".join(f"{jid}|{state}|{reason}|N/A|{NA}|{jid}|{C}:worker:default:{i}\n"
                    for jid, state, reason, i in rows)
 
 
@@ -298,8 +303,8 @@ async def test_departed_jobs_asked_of_sacct_once(fake: FakeSlurm) -> None:
     jobs = {j.job_id: j for j in await backend.poll()}
     sacct = fake.calls("sacct")
     assert len(sacct) == 1
-    assert sacct[0] == ["sacct", "--noheader", "--parsable2", "--format=JobID,State,ExitCode",
-                        "--jobs=12,13"]
+    assert sacct[0] == ["sacct", "--noheader", "--parsable2",
+                        "--format=JobID,State,ExitCode,Start,End", "--jobs=12,13"]
     assert jobs["12"].state is JobState.CANCELLED
     assert jobs["13"].state is JobState.FAILED
     assert jobs["13"].exit_code == 3

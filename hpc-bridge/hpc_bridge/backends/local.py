@@ -37,6 +37,13 @@ def _proc_start_time(pid: int) -> str | None:
     return fields[19]
 
 
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
 class LocalBackend:
     kind = "local"
     supports_arrays = False  # every task is its own process anyway
@@ -90,17 +97,24 @@ class LocalBackend:
             return None
         job_id = job_dir.name
         exit_file = job_dir / "exit"
+        # Local jobs never queue: the pid file is written as the process starts, and the
+        # exit file (or the cancel marker) as it ends.
+        started = _mtime(job_dir / "pid")
         if (job_dir / "cancelled").exists():
             if self._group_alive(job_dir):
-                return ObservedJob(job_id, identity, JobState.ENDING, "cancelling")
-            return ObservedJob(job_id, identity, JobState.CANCELLED, "cancelled")
+                return ObservedJob(job_id, identity, JobState.ENDING, "cancelling",
+                                   started_at=started)
+            return ObservedJob(job_id, identity, JobState.CANCELLED, "cancelled",
+                               started_at=started, ended_at=_mtime(job_dir / "cancelled"))
         if exit_file.exists():
             code = int(exit_file.read_text().strip() or -1)
             state = JobState.COMPLETED if code == 0 else JobState.FAILED
-            return ObservedJob(job_id, identity, state, f"exit {code}", exit_code=code)
+            return ObservedJob(job_id, identity, state, f"exit {code}", exit_code=code,
+                               started_at=started, ended_at=_mtime(exit_file))
         if self._alive(job_dir):
-            return ObservedJob(job_id, identity, JobState.RUNNING)
-        return ObservedJob(job_id, identity, JobState.FAILED, "process vanished")
+            return ObservedJob(job_id, identity, JobState.RUNNING, started_at=started)
+        return ObservedJob(job_id, identity, JobState.FAILED, "process vanished",
+                           started_at=started)
 
     def _alive(self, job_dir: Path) -> bool:
         try:

@@ -33,6 +33,10 @@ State mapping (qstat(1B) job states; exit codes from openpbs src/include/job.h):
   CANCELLED; Exit_status 0 -> COMPLETED; > 0 -> FAILED (>= 256 is 256 + the signal that
   killed the job, reported as 128 + signal like a shell); < 0 -> FAILED, named after PBS's
   JOB_EXEC_* code (-29 walltime exceeded, -27 memory exceeded, ...).
+
+Times: a started job's `stime` is its start; a finished job's end is `obittime` where the
+server records it, else `mtime` (the record's last change, its end for a finished job). The
+recorded transcripts have stime and mtime (no obittime); both are ctime(3)-style local time.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -183,6 +188,35 @@ def _int(value: Any) -> int | None:
         return None
 
 
+def parse_time(value: Any) -> float | None:
+    """A qstat time attribute -> epoch seconds. `qstat -f` prints ctime(3)'s local time
+    (`Wed Apr 14 23:21:57 2021`, day padded with a space); some JSON outputs give epoch
+    seconds. Anything else is None."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        return time.mktime(time.strptime(text, "%a %b %d %H:%M:%S %Y"))
+    except (ValueError, OverflowError):
+        return None
+
+
+def job_times(attrs: Mapping[str, Any], state: JobState) -> tuple[float | None, float | None]:
+    """(started_at, ended_at): `stime` is when the job (last) started; a finished job's end
+    is `obittime` where the server records it, else `mtime` (its record's last change,
+    which for a finished job is its end). A queued job has neither."""
+    if state is JobState.PENDING:
+        return None, None
+    started = parse_time(attrs.get("stime"))
+    if not state.terminal:
+        return started, None
+    return started, parse_time(attrs.get("obittime", attrs.get("mtime")))
+
+
 def finished_state(attrs: Mapping[str, Any]) -> tuple[JobState, int | None, str]:
     """State, shell-like exit code and reason of a finished (F/X/C) job's history record."""
     status = _int(attrs.get("Exit_status", attrs.get("exit_status")))
@@ -219,7 +253,9 @@ def observe(job_id: str, attrs: Mapping[str, Any]) -> ObservedJob | None:
     extra = {"pbs_state": letter}
     if letter in FINISHED_STATES:
         state, code, reason = finished_state(attrs)
-        return ObservedJob(job_id, identity, state, reason, exit_code=code, extra=extra)
+        started, ended = job_times(attrs, state)
+        return ObservedJob(job_id, identity, state, reason, exit_code=code, extra=extra,
+                           started_at=started, ended_at=ended)
     # Unknown future letters read as running, never failed: nothing is resubmitted on them.
     state = STATES.get(letter, JobState.RUNNING)
     if state is JobState.PENDING:
@@ -228,7 +264,8 @@ def observe(job_id: str, attrs: Mapping[str, Any]) -> ObservedJob | None:
         reason = "moved to another server"
     else:
         reason = ""
-    return ObservedJob(job_id, identity, state, reason, extra=extra)
+    started, _ = job_times(attrs, state)
+    return ObservedJob(job_id, identity, state, reason, extra=extra, started_at=started)
 
 
 def parse_qstat_json(text: str) -> dict[str, dict[str, Any]]:
@@ -392,12 +429,15 @@ class PbsBackend:
             if job is not None:
                 # The history record may lack Variable_List: the identity is the one we knew.
                 result.append(ObservedJob(job_id, identity, job.state, job.reason,
-                                          job.exit_code, job.extra))
+                                          job.exit_code, job.extra, job.started_at,
+                                          job.ended_at))
             elif job_id in unknown:
                 result.append(ObservedJob(job_id, identity, JobState.GONE,
-                                          "unknown to qstat (purged from history)"))
+                                          "unknown to qstat (purged from history)",
+                                          started_at=self._last_seen[job_id].started_at))
             else:
-                result.append(ObservedJob(job_id, identity, JobState.GONE, why))
+                result.append(ObservedJob(job_id, identity, JobState.GONE, why,
+                                          started_at=self._last_seen[job_id].started_at))
         return result
 
     async def cancel(self, job_ids: Sequence[str]) -> None:

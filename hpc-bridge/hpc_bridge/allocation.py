@@ -72,6 +72,8 @@ def allocation_command(ctx: RenderContext, identity: JobIdentity, template: JobT
     protocol = template.protocol or ctx.protocol
     if protocol != "tcp":
         parts += ["--protocol", protocol]
+    for preload in ctx.scheduler_preloads:  # e.g. the scaling handler (idle timeout)
+        parts += ["--preload", preload]
     if client is not None:
         parts += ["--output-file", client.output_file, "--exit-code-file", client.exit_code_file]
         if client.working_dir:

@@ -103,6 +103,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker-class", default="distributed.Nanny",
                         help="distributed.Nanny (restarts a worker past its memory) or "
                              "distributed.Worker")
+    parser.add_argument("--preload", action="append", default=[],
+                        help="a scheduler preload (path or module), repeatable")
     parser.add_argument("--output-file", help="the client's stdout and stderr (appended)")
     parser.add_argument("--exit-code-file", help="the client's exit status, when it ends")
     parser.add_argument("--working-dir", help="the client's working directory")
@@ -151,14 +153,14 @@ def dask_teardown(scheduler: Any) -> None:
             os.remove(path)
 
 
-def _preload_scheduler_file(path: str) -> None:
+def _preload_scheduler_file(path: str, extra: Sequence[str] = ()) -> None:
     """Have this process's scheduler write `path` through the preload above.
 
     The preload is named as a module (a fresh import of this file, since the running one
     is `__main__`); site preloads from the dask config are kept."""
     preloads = list(dask.config.get("distributed.scheduler.preload", None) or [])
     dask.config.set({SCHEDULER_FILE_KEY: os.path.abspath(path),
-                     "distributed.scheduler.preload": [*preloads, PRELOAD_MODULE]})
+                     "distributed.scheduler.preload": [*preloads, *extra, PRELOAD_MODULE]})
 
 
 # --- the client -------------------------------------------------------------------------------
@@ -234,7 +236,7 @@ def run(args: argparse.Namespace, comm: Any) -> int:
             "start it under an MPI launcher, e.g. `mpiexec -n 4 python -m hpc_bridge.mpi_entry`")
 
     if rank == SCHEDULER_RANK:
-        _preload_scheduler_file(args.scheduler_file)
+        _preload_scheduler_file(args.scheduler_file, args.preload)
     outcome = _ClientOutcome() if with_client and rank == CLIENT_RANK else None
     worker_options: dict[str, Any] = {"death_timeout": args.death_timeout}
     if args.resources:

@@ -40,13 +40,14 @@ def _event_sink(body: kopf.Body) -> Any:
 
 
 def _register(registry: kopf.OperatorRegistry, resource: tuple[str, str, str],
-              interval: float, reconcile: Any, delete: Any) -> None:
+              interval: float, reconcile: Any, delete: Any, cleanup: bool = True) -> None:
     """Every cause calls the same reconcile; deletion has its own handler (and finalizer)."""
     for cause, decorator in (("create", kopf.on.create), ("update", kopf.on.update),
                              ("resume", kopf.on.resume)):
         decorator(*resource, registry=registry, id=f"reconcile-{cause}")(reconcile)
     kopf.timer(*resource, registry=registry, id="poll", interval=interval, idle=None)(reconcile)
-    kopf.on.delete(*resource, registry=registry, id="teardown")(delete)
+    # Without cleanup (an autoscaler runs nothing of its own) no finalizer is needed.
+    kopf.on.delete(*resource, registry=registry, id="teardown", optional=not cleanup)(delete)
 
 
 def _wait_for(remaining: list[str]) -> None:
@@ -153,7 +154,7 @@ def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = No
 
     kopf.index(*resource, registry=registry, id="clusters_by_name")(clusters_by_name)
     _register(registry, (GROUP, VERSION, plural(KIND_AUTOSCALER)), interval,
-              reconcile_autoscaler, forget_autoscaler)
+              reconcile_autoscaler, forget_autoscaler, cleanup=False)
     _register(registry, job_resource, interval, reconcile_job, delete_job)
     _register(registry, resource, interval, reconcile_cluster, delete_cluster)
     _register(registry, group_resource, interval, reconcile_group, delete_group)

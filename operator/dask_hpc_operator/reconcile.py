@@ -170,7 +170,7 @@ class ClusterReconciler:
             ctx = self._context(model)
             live_sched = any(j.identity.role in SCHEDULER_ROLES and j.state is JobState.RUNNING
                              for j in jobs)
-            dask = await dask_rpc.observe(ctx.scheduler_file, self._groups_query(model)) \
+            dask = await dask_rpc.observe(ctx.scheduler_file, self._groups_query(model, jobs)) \
                 if live_sched else None
             plan = plan_cluster(model, jobs, dask, old_status.get("schedulerJobId"),
                                 now=time.time(), spec_changed=_spec_changed(manifest, old_status),
@@ -271,9 +271,18 @@ class ClusterReconciler:
         return []
 
     @staticmethod
-    def _groups_query(model: ClusterModel) -> list[dict[str, Any]]:
+    def _groups_query(model: ClusterModel, jobs: list[ObservedJob],
+                      groups: tuple[GroupModel, ...] | None = None) -> list[dict[str, Any]] | None:
+        """The groups to ask the scheduler's advice for, or None when it is not needed this
+        time: only an idle timeout or a scale-down (to choose whom to close) use it."""
+        def surplus(g: GroupModel) -> bool:
+            live = [j for j in jobs if j.identity.role is Role.WORKER and j.state.live
+                    and j.identity.group == g.name and j.identity.owner_uid == g.owner_uid]
+            return len(live) > g.replicas
+        if not (model.idle_timeout > 0 or any(map(surplus, model.groups))):
+            return None
         return [dask_rpc.group_query(model.namespace, model.name, g.name, g.template.resources)
-                for g in model.groups]
+                for g in (groups or model.groups)]
 
     def _render_scheduler(self, model: ClusterModel, ctx: RenderContext,
                           identity: JobIdentity) -> JobRequest:
@@ -313,10 +322,11 @@ class ClusterReconciler:
         spec = manifest.get("spec") or {}
 
         def mine(job: ObservedJob) -> bool:
-            # A DaskJob's runner shares its cluster's name but not its lifetime.
+            # By name: its DaskWorkerGroups' workers (a DaskJob's runner or allocation may
+            # share the cluster's name, not its lifetime).
             return job.identity.owner_uid == uid or (
                 whole_cluster and job.identity.namespace == namespace
-                and job.identity.cluster == meta["name"] and job.identity.role is not Role.RUNNER)
+                and job.identity.cluster == meta["name"] and job.identity.role is Role.WORKER)
 
         kinds = dict.fromkeys([spec.get("backend") or self.runtime.site.backend,
                                *self.runtime.pollers])
@@ -369,7 +379,7 @@ class GroupReconciler(ClusterReconciler):
             jobs = snapshot.owned_by(group.owner_uid)
             ctx = self._context(model)
             dask = await dask_rpc.observe(ctx.scheduler_file, self._groups_query(
-                replace(cmodel, groups=(cmodel.groups[0], group))))
+                model, jobs, (cmodel.groups[0], group)))
             plan = Plan()
             if not problem:
                 plan_group(namespace, cluster_name, group, jobs, dask, plan, now=time.time(),

@@ -27,7 +27,7 @@ def config(tmp_path: Path) -> Path:
 
 def processes_under(path: Path) -> list[str]:
     """Command lines of live processes that mention `path` (our jobs' scripts and files)."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if str(path) in line and "ps -eo" not in line]
 
 

@@ -58,7 +58,10 @@ The two scalers are not the same machine, and the numbers show where they differ
   (through the scheduler, then scancel) adds ~0.5 s, a step, for the operator.
 
 Run from the repository root: `.venv/bin/python bench/autoscale.py --rounds 3`. Every job
-the run submits is cancelled at the end, also after an error or Ctrl-C.
+the run submits is cancelled at the end, also after an error, Ctrl-C or SIGTERM; a call
+that hangs in a teardown is cut after a timeout and its stack goes to stderr and to the
+round's `notes`; SIGUSR1 prints where every task waits. An interrupted run does not
+overwrite the JSON.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import io
 import json
 import logging
 import os
@@ -105,10 +109,12 @@ MINIMUM, MAXIMUM = 0, 4
 TARGET_DURATION = "5s"
 SCALE_DOWN_DELAY_S = 5
 ADAPT_INTERVAL = "1s"
-ADAPT_WAIT_COUNT = 5  # 5 intervals of 1 s: the same hysteresis as scaleDownDelay 5
+ADAPT_WAIT_COUNT = 5  # 5 consecutive 1 s ticks (4-5 s): the nearest to scaleDownDelay 5
 PARTITION, WALLTIME, WORKER_MEMORY = "debug", "00:10:00", "1GiB"
 CLIENT_POLL_S = 0.1
 PHASE_TIMEOUT_S = 240.0
+STEP_TIMEOUT_S = 30.0  # a reconcile pass, or stopping the loop, that takes longer is hung
+TEARDOWN_TIMEOUT_S = 120.0
 
 OPERATOR, JOBQUEUE = "operator", "jobqueue"
 METRICS = ("burst_to_ready_s", "idle_to_minimum_s", "burst_to_first_s")
@@ -218,7 +224,7 @@ def slurm_problem() -> str | None:
 
 async def connected_workers(client: Client) -> int:
     assert client.scheduler is not None
-    info = await client.scheduler.identity(n_workers=0)
+    info = await asyncio.wait_for(client.scheduler.identity(n_workers=0), 10)
     return int(info["n_workers"])
 
 
@@ -312,12 +318,13 @@ def autoscaler_manifest(name: str, cluster: str) -> dict[str, Any]:
     }
 
 
-async def drive(session: Session, errors: list[str],
+async def drive(session: Session, stop: asyncio.Event, errors: list[str],
                 scaled: list[tuple[float, str]]) -> None:
-    """What `dask-hpc up` does: one pass, then LOOP_PERIOD_S, forever. Every scale
-    decision of the autoscaler goes to `scaled` as (time.time(), its message)."""
+    """What `dask-hpc up` does: one pass, then LOOP_PERIOD_S, until `stop`. Every scale
+    decision of the autoscaler goes to `scaled` as (time.time(), its message). Stopped by
+    the event rather than cancelled, so that no reconcile is cut in the middle."""
     last_scale: dict[str, Any] = {}
-    while True:
+    while not stop.is_set():
         try:
             await session.step()
         except Exception as exc:  # a reconcile error must not stop the loop (kopf retries)
@@ -328,21 +335,49 @@ async def drive(session: Session, errors: list[str],
             if r.kind == "DaskAutoscaler" and when and last_scale.get(r.key) != when:
                 last_scale[r.key] = when
                 scaled.append((time.time(), str(r.status.get("message"))))
-        await asyncio.sleep(LOOP_PERIOD_S)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), LOOP_PERIOD_S)
 
 
-async def operator_teardown(session: Session, backend: SlurmBackend) -> None:
+async def settle(task: asyncio.Future[Any], what: str, timeout: float,
+                 notes: list[str]) -> bool:
+    """Wait for `task` at most `timeout`; if it hangs, note where (its stack), cancel it and
+    go on, so that a hung call cannot keep the cleanup from running."""
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if done:
+        if not task.cancelled() and task.exception() is not None:
+            notes.append(f"{what} failed: {task.exception()!r}")
+        return True
+    stack = io.StringIO()
+    if isinstance(task, asyncio.Task):
+        task.print_stack(file=stack)
+    note = f"{what} still running after {timeout:.0f} s, cancelled; it was at:\n" \
+        + stack.getvalue()
+    notes.append(note)
+    print(f"WARNING: {note}", file=sys.stderr, flush=True)
+    task.cancel()
+    await asyncio.wait({task}, timeout=5)
+    return False
+
+
+async def operator_teardown(session: Session, backend: SlurmBackend,
+                            notes: list[str]) -> None:
+    """Delete the objects as `up` does at exit: steps until no job of theirs is left."""
     for r in session.resources:
         r.deleting = True
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + TEARDOWN_TIMEOUT_S
     while session.resources and time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            await session.step()
+        await settle(asyncio.ensure_future(session.step()), "a teardown step",
+                     STEP_TIMEOUT_S, notes)
         if session.resources:
             await asyncio.sleep(1.0)
+    if session.resources:
+        notes.append(f"teardown not finished after {TEARDOWN_TIMEOUT_S:.0f} s: "
+                     + ", ".join(r.key for r in session.resources))
     shutdown = getattr(backend, "shutdown", None)
     if shutdown is not None:
-        await shutdown()
+        await settle(asyncio.ensure_future(shutdown()), "backend shutdown", STEP_TIMEOUT_S,
+                     notes)
 
 
 async def operator_round(index: int, site: SiteConfig, owned: Owned) -> RoundResult:
@@ -356,8 +391,10 @@ async def operator_round(index: int, site: SiteConfig, owned: Owned) -> RoundRes
     cluster = Resource(body)
     session = Session(runtime, [cluster, Resource(autoscaler_manifest(f"{name}-as", name))])
     errors: list[str] = []
+    notes: list[str] = []
     scaled: list[tuple[float, str]] = []
-    stepper = asyncio.create_task(drive(session, errors, scaled))
+    stop = asyncio.Event()
+    stepper = asyncio.create_task(drive(session, stop, errors, scaled))
     try:
         deadline = time.monotonic() + PHASE_TIMEOUT_S
         while not cluster.status.get("schedulerAddress"):
@@ -369,13 +406,12 @@ async def operator_round(index: int, site: SiteConfig, owned: Owned) -> RoundRes
             timing = await burst_then_idle(client)
             measured = calls_since(runner.calls, before)
     finally:
-        stepper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await stepper
-        await operator_teardown(session, backend)
+        stop.set()
+        await settle(stepper, "the reconcile loop", STEP_TIMEOUT_S, notes)
+        await operator_teardown(session, backend, notes)
     return make_result(OPERATOR, index, timing, measured,
                        calls_since(runner.calls, collections.Counter()), timing.events(scaled),
-                       load, others, sorted(set(errors)))
+                       load, others, sorted(set(errors)) + notes)
 
 
 # --- dask-jobqueue -----------------------------------------------------------------------
@@ -394,6 +430,7 @@ class CountingSLURMJob(SLURMJob):  # type: ignore[misc]
 async def jobqueue_round(index: int, workdir: Path, job_name: str,
                          owned: Owned) -> RoundResult:
     load, others = host_state(owned)
+    notes: list[str] = []
     owned.job_names.add(job_name)
     start = collections.Counter(CountingSLURMJob.calls)
     cluster = await SLURMCluster(
@@ -415,10 +452,11 @@ async def jobqueue_round(index: int, workdir: Path, job_name: str,
     finally:
         closing = cluster.close()
         if closing is not None:
-            await closing
+            await settle(asyncio.ensure_future(closing), "SLURMCluster.close()",
+                         TEARDOWN_TIMEOUT_S, notes)
     return make_result(JOBQUEUE, index, timing, measured,
                        calls_since(CountingSLURMJob.calls, start), timing.events(scaled), load,
-                       others, [])
+                       others, notes)
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -487,6 +525,7 @@ async def run(rounds: int, workdir: Path, owned: Owned, run_id: str,
     main = asyncio.current_task()
     if main is not None:
         loop.add_signal_handler(signal.SIGTERM, main.cancel)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     site = SiteConfig(backend="slurm", staging_dir=str(workdir / "staging"),
                       python=sys.executable, min_poll_interval=0.5, poll_interval=1.0)
     site.check()
@@ -503,14 +542,31 @@ async def run(rounds: int, workdir: Path, owned: Owned, run_id: str,
             print(f"  burst -> first {result.burst_to_first_s:.2f} s, -> {MAXIMUM} ready "
                   f"{result.burst_to_ready_s:.2f} s; idle -> {MINIMUM} workers "
                   f"{result.idle_to_minimum_s:.2f} s; batch calls {result.batch_calls}"
-                  + (f"; errors {result.notes}" if result.notes else ""), flush=True)
+                  + ("; notes: " + " | ".join(n.splitlines()[0] for n in result.notes)
+                     if result.notes else ""), flush=True)
             print("  scaling (s from the burst; tasks done at "
                   f"{result.tasks_done_at_s:.2f}): "
                   + "; ".join(f"{t:.2f} {what}" for t, what in result.scale_events), flush=True)
-            left = live_jobs(owned)
-            if left:  # a job still ending must not be counted as load in the next round
+            if live_jobs(owned):  # a job still ending must not load the next round
                 await asyncio.sleep(2.0)
-                cancel_leftovers(owned)
+                cancelled = cancel_leftovers(owned)
+                if cancelled:
+                    note = f"jobs left after the teardown, cancelled by the bench: {cancelled}"
+                    result.notes.append(note)
+                    print(f"  WARNING: {note}", file=sys.stderr, flush=True)
+                for _ in range(60):
+                    if not live_jobs(owned):
+                        break
+                    await asyncio.sleep(1.0)
+
+
+def dump_tasks() -> None:
+    """SIGUSR1: where every task of the run waits (for a run that seems stuck)."""
+    print(f"==== tasks at {datetime.now().strftime('%X')}", file=sys.stderr)
+    for task in asyncio.all_tasks():
+        print(f"--- {task!r}", file=sys.stderr)
+        task.print_stack(file=sys.stderr)
+    sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,8 +75,7 @@ def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = No
     async def reconcile_cluster(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         if body.metadata.get("deletionTimestamp"):
             return  # deletion is the delete handler's; never resubmit while it runs
-        manifest = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-                    "metadata": dict(body.metadata), "spec": dict(body.spec)}
+        manifest = _manifest(body)
         status = await reconciler.reconcile(manifest, dict(body.status), _event_sink(body))
         patch.status.update(status)
         if status.get("idleExpired") and store is not None:
@@ -111,8 +110,7 @@ def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = No
         index: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["clusters_by_name"]
         key = (str(body.metadata.get("namespace") or "default"), str(body.spec.get("cluster")))
         cluster: dict[str, Any] | None = next(iter(index.get(key, [])), None)
-        manifest = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-                    "metadata": dict(body.metadata), "spec": dict(body.spec)}
+        manifest = _manifest(body)
         status = await groups.reconcile_group(manifest, dict(body.status), cluster,
                                               _event_sink(body))
         patch.status.update(status)

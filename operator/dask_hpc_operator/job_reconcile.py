@@ -195,20 +195,10 @@ class JobReconciler:
         child_doc = await store.get(namespace, meta["name"])
         if child_doc is not None and ChildView.of(child_doc, meta["uid"]).owned:
             await store.delete(namespace, meta["name"])
-        remaining: list[str] = []
         backend_kind = ((manifest.get("spec") or {}).get("cluster") or {}).get("backend") \
             or self.runtime.site.backend
-        poller = self.runtime.poller(backend_kind)
-        async with self.runtime.lock(meta["uid"]):
-            snapshot = await poller.refresh()
-            mine = [j for j in snapshot.jobs.values() if j.identity.owner_uid == meta["uid"]]
-            live = [j.job_id for j in mine if j.state.live]
-            if live:
-                await poller.backend.cancel(live)
-                poller.record_cancelled(live)
-                snapshot = await poller.refresh()
-            remaining = [j.job_id for j in snapshot.jobs.values()
-                         if j.identity.owner_uid == meta["uid"] and not j.state.terminal]
+        remaining = await self.runtime.end_jobs(
+            meta["uid"], [backend_kind], lambda j: j.identity.owner_uid == meta["uid"])
         if not remaining and not keep_output:
             shutil.rmtree(self.runtime.staging_dir(namespace, meta["name"], meta["uid"], "jobs"),
                           ignore_errors=True)

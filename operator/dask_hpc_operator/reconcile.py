@@ -115,6 +115,25 @@ class Runtime:
     def lock(self, uid: str) -> asyncio.Lock:
         return self.locks.setdefault(uid, asyncio.Lock())
 
+    async def end_jobs(self, uid: str, kinds: list[str],
+                       mine: Callable[[ObservedJob], bool]) -> list[str]:
+        """Deletion's one mechanism: cancel every live job `mine` selects on these backends,
+        under the owner's lock, and return the ids not yet finished (empty when done).
+        ENDING counts as unfinished: a job is gone only once its processes are."""
+        remaining: list[str] = []
+        async with self.lock(uid):
+            for kind in dict.fromkeys(kinds):
+                poller = self.poller(kind)
+                snapshot = await poller.refresh()
+                live = [j.job_id for j in snapshot.jobs.values() if mine(j) and j.state.live]
+                if live:
+                    await poller.backend.cancel(live)
+                    poller.record_cancelled(live)
+                    snapshot = await poller.refresh()
+                remaining += [j.job_id for j in snapshot.jobs.values()
+                              if mine(j) and not j.state.terminal]
+        return remaining
+
     def staging_dir(self, namespace: str, name: str, uid: str, kind: str = "clusters") -> Path:
         # The uid keeps a re-created cluster of the same name away from its predecessor's
         # scheduler file and logs.
@@ -328,25 +347,12 @@ class ClusterReconciler:
                 whole_cluster and job.identity.namespace == namespace
                 and job.identity.cluster == meta["name"] and job.identity.role is Role.WORKER)
 
-        kinds = dict.fromkeys([spec.get("backend") or self.runtime.site.backend,
-                               *self.runtime.pollers])
-        remaining: list[str] = []
-        async with self.runtime.lock(uid):
-            for kind in kinds:
-                poller = self.runtime.poller(kind)
-                snapshot = await poller.refresh()
-                live = [j.job_id for j in snapshot.jobs.values() if mine(j) and j.state.live]
-                if live:
-                    await poller.backend.cancel(live)
-                    poller.record_cancelled(live)
-                    snapshot = await poller.refresh()
-                # ENDING counts: a job is gone only once its processes are.
-                remaining += [j.job_id for j in snapshot.jobs.values()
-                              if mine(j) and not j.state.terminal]
-            if not remaining and whole_cluster:
-                shutil.rmtree(self.runtime.staging_dir(namespace, meta["name"], uid),
-                              ignore_errors=True)
-            return remaining
+        remaining = await self.runtime.end_jobs(
+            uid, [spec.get("backend") or self.runtime.site.backend, *self.runtime.pollers], mine)
+        if not remaining and whole_cluster:
+            shutil.rmtree(self.runtime.staging_dir(namespace, meta["name"], uid),
+                          ignore_errors=True)
+        return remaining
 
 
 class GroupReconciler(ClusterReconciler):

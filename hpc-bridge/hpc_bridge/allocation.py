@@ -42,15 +42,28 @@ def task_count(workers: int, client: RunnerCommand | None) -> int:
     return workers + 1 + (1 if client else 0)
 
 
+# The one shell expansion a launcher line may hold: PBS's list of the allocation's hosts,
+# one line per MPI process (`mpiprocs` per chunk), which only exists inside the job.
+PBS_NODEFILE = '"$PBS_NODEFILE"'
+
+
 def default_launcher(ctx: RenderContext, tasks: int) -> tuple[str, ...]:
     """The `mpiexec` installed beside the compute nodes' Python (the mpich wheel's Hydra,
     the MPI that mpi4py there was built against). Under SLURM it finds the allocation's
-    nodes itself and starts one proxy per node through `srun`; under PBS it reads
-    `$PBS_NODEFILE`. The local backend forks: there is no batch system to ask, and a
-    stray SLURM environment (an operator that itself runs in a job) must not be obeyed."""
+    nodes itself and starts one proxy per node through `srun`; under PBS it is given
+    `$PBS_NODEFILE` as its host file (`-f`) rather than trusting its own detection, and
+    reaches the other hosts the way the site's MPI does (ssh, or a site `mpiLauncher` with
+    PBS's TM such as `mpiexec.hydra -launcher pbs`). The local backend forks: there is no
+    batch system to ask, and a stray SLURM environment (an operator that itself runs in a
+    job) must not be obeyed."""
     mpiexec = os.path.join(os.path.dirname(ctx.python), "mpiexec")
-    fork = ("-launcher", "fork") if ctx.backend == "local" else ()
-    return (mpiexec, *fork, "-n", str(tasks))
+    hosts: tuple[str, ...] = {"local": ("-launcher", "fork"),
+                              "pbs": ("-f", PBS_NODEFILE)}.get(ctx.backend, ())
+    return (mpiexec, *hosts, "-n", str(tasks))
+
+
+def _launcher_word(word: str) -> str:
+    return word if word == PBS_NODEFILE else shlex.quote(word)
 
 
 def allocation_command(ctx: RenderContext, identity: JobIdentity, template: JobTemplate,
@@ -60,8 +73,8 @@ def allocation_command(ctx: RenderContext, identity: JobIdentity, template: JobT
     if workers < 1:
         raise ValueError(f"an allocation needs at least one worker, got {workers}")
     tasks = task_count(workers, client)
-    parts = [*(launcher or default_launcher(ctx, tasks)),
-             ctx.python, "-m", ENTRY_MODULE,
+    head = [_launcher_word(w) for w in launcher or default_launcher(ctx, tasks)]
+    parts = [ctx.python, "-m", ENTRY_MODULE,
              "--scheduler-file", ctx.scheduler_file,
              "--name", identity.job_name,
              "--nthreads", str(template.cores),
@@ -79,7 +92,7 @@ def allocation_command(ctx: RenderContext, identity: JobIdentity, template: JobT
         if client.working_dir:
             parts += ["--working-dir", client.working_dir]
         parts += ["--", *client.argv]
-    return " ".join(shlex.quote(p) for p in parts)
+    return " ".join([*head, *(shlex.quote(p) for p in parts)])
 
 
 def _site_skip(backend: str) -> set[str]:

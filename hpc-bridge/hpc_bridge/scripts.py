@@ -141,7 +141,9 @@ def pbs_directives(identity: JobIdentity, template: JobTemplate,
     in the job's Variable_List (`-v`), which `qstat -f` reports back; it is never skipped,
     since adoption after a restart depends on it."""
     skip = _pbs_directives_skip()
-    lines = [array_directive(array)] if array else []
+    # Arrays must be rerunnable (PBS Pro refuses "non-rerunable Array Job" where a site
+    # makes jobs non-rerunnable by default); a rerun worker just reconnects.
+    lines = [array_directive(array), "-r y"] if array else []
     if template.account:
         lines.append(f"-P {template.account}")
     lines = [line for line in lines if not any(word in line for word in skip)]

@@ -133,18 +133,7 @@ def worker_template_schema() -> Schema:
             **_batch_placement(),
             "gpus": _int(0, MAX_GPUS, "GPUs per job.", default=0),
             "env": _env(),
-            "prologue": {
-                "type": "array",
-                "description": "Simple commands run before the worker starts (module load ...).",
-                "maxItems": 64,
-                "items": _string(PROLOGUE_LINE, 512, "One command line."),
-            },
-            "extraDirectives": {
-                "type": "array",
-                "description": "Extra scheduler directives, e.g. --constraint=haswell.",
-                "maxItems": 64,
-                "items": _string(DIRECTIVE, 256, "One directive without the #SBATCH prefix."),
-            },
+            **_job_site_lines("worker"),
             "workerArgs": {
                 "type": "array",
                 "description": "Extra arguments to the dask worker command, one token each.",
@@ -180,6 +169,26 @@ def worker_template_schema() -> Schema:
     }
 
 
+def _job_site_lines(who: str) -> dict[str, Schema]:
+    """What a site may require of every job: set-up commands and batch directives (NCI Gadi
+    jobs, the scheduler's included, see /scratch only with `-l storage=...`)."""
+    return {
+        "prologue": {
+            "type": "array",
+            "description": f"Simple commands run before the {who} starts (module load ...).",
+            "maxItems": 64,
+            "items": _string(PROLOGUE_LINE, 512, "One command line."),
+        },
+        "extraDirectives": {
+            "type": "array",
+            "description": "Extra batch directives, e.g. --constraint=haswell (SLURM) or "
+                           "-l storage=scratch/ab12 (PBS).",
+            "maxItems": 64,
+            "items": _string(DIRECTIVE, 256, "One directive without the #SBATCH/#PBS prefix."),
+        },
+    }
+
+
 def scheduler_schema() -> Schema:
     return {
         "type": "object",
@@ -199,6 +208,7 @@ def scheduler_schema() -> Schema:
                 "items": {"type": "string", "enum": PROTOCOLS},
             },
             "env": _env(),
+            **_job_site_lines("scheduler"),
         },
     }
 

@@ -48,6 +48,8 @@ def scheduler_template(scheduler: dict[str, Any]) -> JobTemplate:
         queue=scheduler.get("queue"),
         account=scheduler.get("account"),
         env=_env(scheduler.get("env")),
+        prologue=tuple(scheduler.get("prologue", [])),
+        extra_directives=tuple(scheduler.get("extraDirectives", [])),
     )
 
 

@@ -99,7 +99,9 @@ class Runtime:
                 self.backends[kind] = SlurmBackend(runner, all_users=self.site.squeue_all_users)
             elif kind == "pbs":
                 runner = CommandRunner(self.site.submit_prefix, self.site.command_timeout)
-                self.backends[kind] = PbsBackend(runner, arrays=True)
+                self.backends[kind] = PbsBackend(
+                    runner, name_limit=self.site.pbs_job_name_limit, arrays=self.site.pbs_arrays,
+                    max_array_size=self.site.pbs_max_array_size)
             elif kind == "local":
                 self.backends[kind] = LocalBackend(Path(self.site.staging_dir) / "local-jobs")
             else:
@@ -316,20 +318,21 @@ class ClusterReconciler:
     @staticmethod
     def _worker_requests(model: ClusterModel, ctx: RenderContext,
                          identities: list[JobIdentity], backend: Backend) -> list[JobRequest]:
-        """Packing: a group's new workers go in ONE job array where the batch system has
-        arrays (unless the group asks for single jobs); otherwise one job each."""
+        """Packing: a group's new workers go in job arrays where the batch system has
+        arrays (unless the group asks for single jobs): one array on SLURM, one per run of
+        consecutive indices on PBS (backend.array_batches); otherwise one job each."""
         requests = []
         for group in model.groups:
-            mine = [i for i in identities if i.group == group.name
-                    and i.owner_uid == group.owner_uid]
+            mine = {i.index: i for i in identities if i.group == group.name
+                    and i.owner_uid == group.owner_uid}
             if not mine:
                 continue
             pack = group.packing == "array" or (group.packing == "auto" and len(mine) > 1)
-            if pack and backend.supports_arrays:
-                indices = tuple(i.index for i in mine)
-                requests.append(render_worker(ctx, mine[0], group.template, indices))
-            else:
-                requests += [render_worker(ctx, i, group.template) for i in mine]
+            arrays, singles = (backend.array_batches(sorted(mine)) if pack
+                               and backend.supports_arrays else ([], sorted(mine)))
+            requests += [render_worker(ctx, mine[batch[0]], group.template, batch)
+                         for batch in arrays]
+            requests += [render_worker(ctx, mine[index], group.template) for index in singles]
         return requests
 
     async def teardown(self, manifest: dict[str, Any], whole_cluster: bool = False) -> list[str]:

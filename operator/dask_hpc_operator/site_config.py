@@ -56,6 +56,14 @@ class SiteConfig:
     # How an allocation starts its MPI tasks; empty: the `mpiexec` beside `python` (the
     # mpich wheel's, which finds SLURM's and PBS's node lists itself). E.g. [srun, --mpi=pmix].
     mpi_launcher: tuple[str, ...] = ()
+    # The operator's Prometheus endpoint (/metrics); 0 = none. Not 8080, which kopf's
+    # liveness endpoint conventionally takes. `dask-hpc operator --metrics-port` overrides it.
+    metrics_port: int = 8000
+    # PBS servers differ: Job_Name limit (15 on older servers), whether job arrays are
+    # allowed at all (NCI Gadi: no) and the server's max_array_size (0: no limit known).
+    pbs_job_name_limit: int = 15
+    pbs_arrays: bool = True
+    pbs_max_array_size: int = 0
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> SiteConfig:
@@ -109,6 +117,12 @@ class SiteConfig:
                                   "argument without spaces or shell metacharacters")
         if self.min_poll_interval <= 0 or self.poll_interval < self.min_poll_interval:
             raise ConfigError("site config: pollInterval must be >= minPollInterval > 0")
+        if self.pbs_job_name_limit < 8:
+            raise ConfigError("site config: pbsJobNameLimit must be at least 8 (PBS Pro 13+ "
+                              "allows 236, older servers 15)")
+        if self.metrics_port > 65535:
+            raise ConfigError("site config: metricsPort must be a TCP port (0 = no metrics "
+                              "endpoint)")
         if self.failure_limit < 1 or self.failure_backoff_max < self.failure_backoff_base:
             raise ConfigError("site config: failureLimit must be >= 1 and failureBackoffMax "
                               ">= failureBackoffBase")

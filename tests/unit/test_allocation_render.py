@@ -116,7 +116,27 @@ def test_pbs_select_chunks_and_identity() -> None:
     assert "#PBS --constraint=haswell" in lines
     assert not [line for line in lines if line.startswith("#PBS -A")]
     assert len([line for line in lines if line.startswith("#PBS -l select")]) == 1
-    assert command_words(script)[:3] == ["/opt/conda/envs/dask/bin/mpiexec", "-n", "5"]
+    assert command_words(script)[:5] == ["/opt/conda/envs/dask/bin/mpiexec", "-f",
+                                         "$PBS_NODEFILE", "-n", "5"]
+
+
+def test_pbs_launcher_reads_the_node_file_inside_the_job(tmp_path: Path) -> None:
+    """The launcher line through real bash, as PBS runs it: `$PBS_NODEFILE` (the hosts
+    PBS gave the job) reaches mpiexec expanded, every other word verbatim."""
+    bindir = tmp_path / "my env" / "bin"
+    bindir.mkdir(parents=True)
+    mpiexec = bindir / "mpiexec"
+    mpiexec.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    mpiexec.chmod(0o755)
+    script = render_allocation(ctx("pbs", python=str(bindir / "python")), IDENTITY, TEMPLATE,
+                               3, CLIENT).script
+    line = [line for line in script.splitlines() if line.strip()][-1]
+    nodefile = tmp_path / "aggr.nodefile"
+    out = subprocess.run(["bash", "-c", line], capture_output=True, text=True, check=True,
+                         env={"PBS_NODEFILE": str(nodefile), "PATH": "/usr/bin:/bin"})
+    received = json.loads(out.stdout)
+    assert received[:5] == ["-f", str(nodefile), "-n", "5", str(bindir / "python")]
+    assert received[received.index("--") + 1:] == list(HOSTILE)
 
 
 def test_local_forks_and_has_no_header() -> None:

@@ -13,6 +13,8 @@ from dask_hpc_operator.reconcile import ClusterReconciler, Runtime
 from dask_hpc_operator.site_config import SiteConfig
 from dask_hpc_operator.validation import validate
 from hpc_bridge.backends.local import LocalBackend
+from hpc_bridge.backends.pbs import PbsBackend
+from hpc_bridge.backends.pbs import array_batches as pbs_array_batches
 from hpc_bridge.backends.slurm import SlurmBackend
 from hpc_bridge.model import (
     JobIdentity,
@@ -129,6 +131,33 @@ def test_packing_decides_the_number_of_submissions(packing: str, backend: str, c
     assert sorted(i.index for r in out for i in r.task_identities()) == list(range(count))
 
 
+def _pbs_requests(indices: list[int], backend: PbsBackend) -> list[tuple[int, ...]]:
+    model = cluster({"replicas": len(indices)})
+    ctx = RenderContext("pbs", "/p", "/s/scheduler.json", "/s/logs")
+    ids = [JobIdentity("ns", "c", "uid-1", Role.WORKER, "default", i) for i in indices]
+    out = ClusterReconciler._worker_requests(model, ctx, ids, backend)
+    return [r.array or (r.identity.index,) for r in out]
+
+
+def test_pbs_packs_each_run_of_indices_in_its_own_array() -> None:
+    """Replacements leave gaps; PBS's -J takes one range of two or more subjobs."""
+    backend = PbsBackend(arrays=True)
+    assert _pbs_requests([0, 1, 2, 3], backend) == [(0, 1, 2, 3)]
+    assert _pbs_requests([2, 5, 6, 7, 9], backend) == [(5, 6, 7), (2,), (9,)]
+    capped = PbsBackend(arrays=True, max_array_size=3)
+    assert _pbs_requests(list(range(7)), capped) == [(0, 1, 2), (3, 4, 5), (6,)]
+    assert _pbs_requests([0, 1, 2], PbsBackend(arrays=False)) == [(0,), (1,), (2,)]
+
+
+def test_pbs_array_scripts_say_j_and_rerunnable() -> None:
+    model = cluster({"replicas": 3})
+    ctx = RenderContext("pbs", "/p", "/s/scheduler.json", "/s/logs")
+    (request,) = ClusterReconciler._worker_requests(model, ctx, _ids(3), PbsBackend(arrays=True))
+    lines = [line for line in request.script.splitlines() if line.startswith("#PBS")]
+    assert "#PBS -J 0-2" in lines and "#PBS -r y" in lines
+    assert "${PBS_ARRAY_INDEX}" in request.script
+
+
 def test_group_status_names_resources_and_the_missing_cluster() -> None:
     group = GroupModel("highmem", "g-uid", 2, JobTemplate(resources=(("HIGHMEM", 1.0),)))
     waiting = group_status(group, [], None, Plan(), "waiting for DaskCluster ns/c", [], "t0")
@@ -175,6 +204,9 @@ class _ArrayBackend:
     def task_job_id(self, job_id: str, index: int) -> str:
         seq, _, server = job_id.partition(".")
         return f"{seq.removesuffix('[]')}[{index}].{server}"
+
+    def array_batches(self, indices: Any) -> tuple[list[tuple[int, ...]], list[int]]:
+        return pbs_array_batches(indices)
 
     async def submit(self, request: Any) -> str:
         self.submitted.append(request)

@@ -9,8 +9,11 @@ batch client can be reached.
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import pytest
 from dask_hpc_operator.constants import API_VERSION
 from dask_hpc_operator.model import ClusterModel
 from dask_hpc_operator.planning import DEFAULT_FAILURE_POLICY, plan_cluster
-from dask_hpc_operator.reconcile import Runtime
+from dask_hpc_operator.reconcile import ClusterReconciler, Runtime
 from dask_hpc_operator.site_config import SiteConfig
 from dask_hpc_operator.validation import validate
 from hpc_bridge.backends.base import BatchSystemError
@@ -478,7 +481,15 @@ if [ "$name" = qstat ]; then
     if [ "$a" = "json" ]; then key=qstat-json; fi
   done
 fi
-if [ "$name" = qsub ]; then {cat} > "$d/qsub.stdin"; fi
+if [ "$name" = qsub ]; then
+  {cat} > "$d/qsub.stdin"
+  # With qsub.ids, the n-th qsub prints its n-th line (a server numbering its jobs).
+  n=0; while IFS= read -r l; do [[ $l == qsub* ]] && n=$((n+1)); done < "$d/calls.log"
+  {cat} "$d/qsub.stdin" > "$d/qsub.stdin.$n"
+  if [ -f "$d/qsub.ids" ]; then
+    mapfile -t ids < "$d/qsub.ids"; printf '%s\n' "${{ids[$((n-1))]}}"; exit 0
+  fi
+fi
 if [ -f "$d/$key.out" ]; then {cat} "$d/$key.out"; fi
 if [ -f "$d/$key.err" ]; then {cat} "$d/$key.err" >&2; fi
 if [ -f "$d/$key.rc" ]; then exit "$(< "$d/$key.rc")"; fi
@@ -713,6 +724,20 @@ def test_runtime_creates_the_pbs_backend(tmp_path: Path) -> None:
     backend = runtime.backend("pbs")
     assert isinstance(backend, PbsBackend) and backend.kind == "pbs"
     assert backend.supports_arrays is True  # -J arrays; tasks are named by task_job_id
+    assert (backend.name_limit, backend.max_array_size) == (PBS_NAME_LIMIT, 0)
+
+
+def test_site_config_sets_the_pbs_server_s_limits(tmp_path: Path) -> None:
+    """NCI Gadi: no job arrays; a PBS Pro 13+ server: long job names."""
+    site = SiteConfig.from_mapping({"backend": "pbs", "stagingDir": str(tmp_path),
+                                    "pbsArrays": False, "pbsJobNameLimit": 236,
+                                    "pbsMaxArraySize": 10})
+    backend = Runtime(site).backend("pbs")
+    assert isinstance(backend, PbsBackend)
+    assert (backend.supports_arrays, backend.name_limit, backend.max_array_size) == (
+        False, 236, 10)
+    with pytest.raises(ValueError, match="pbsJobNameLimit must be at least 8"):
+        SiteConfig.from_mapping({"pbsJobNameLimit": 4})
 
 
 def test_plan_submits_nothing_while_jobs_queue_or_run() -> None:
@@ -754,3 +779,100 @@ def test_plan_after_a_purged_scheduler_fails_the_cluster() -> None:
                        JobState.GONE, "unknown to qstat (purged from history)")
     plan = plan_cluster(cluster(), [gone], None, now=NOW_S)
     assert "scheduler job 12860476.meta-pbs.metacentrum.cz ended (gone" in plan.failed
+
+
+# --- the whole reconcile against the fake commands ------------------------------------------
+
+def _listing(records: dict[str, tuple[str, JobIdentity]]) -> str:
+    """A `qstat -f -F json` listing whose jobs are real records from the transcripts (held
+    or running, by name) under the ids qsub gave, each carrying the identity it must. A
+    running job's `stime` is moved to a minute ago: started in 2021, it would be past its
+    walltime, and the reconcile would (rightly) submit its replacement early."""
+    sources = {"held": "qstat-json-held-buildtest.txt", "running":
+               "qstat-json-running-metacentrum.txt"}
+    jobs = {}
+    for job_id, (kind, identity) in records.items():
+        (record,) = parse_qstat_json(transcript(sources[kind]).stdout).values()
+        record = copy.deepcopy(record)
+        record["Variable_List"]["DASK_HPC_IDENTITY"] = identity.comment()
+        if "stime" in record:
+            record["stime"] = time.ctime(time.time() - 60)
+        jobs[job_id] = record
+    return json.dumps({"pbs_version": "19.0.0", "Jobs": jobs})
+
+
+async def test_reconcile_through_qsub_qstat_qdel(fake: FakePbs, tmp_path: Path) -> None:
+    """A DaskCluster on PBS from submission to deletion, the operator's reconcile talking
+    to the fake commands: submit (scheduler + one -J array) -> held -> running -> a worker
+    fails (its history record) and is replaced by a plain job -> delete is one qdel."""
+    site = SiteConfig(backend="pbs", staging_dir=str(tmp_path / "staging"),
+                      min_poll_interval=0.001, poll_interval=0.001)
+    runtime = Runtime(site)
+    reconciler = ClusterReconciler(runtime)
+    body = {"apiVersion": API_VERSION, "kind": "DaskCluster",
+            "metadata": {"name": "c1", "namespace": "default", "uid": UID},
+            "spec": {"backend": "pbs", "worker": {"replicas": 2, "queue": "normal",
+                                                  "account": "ab12"}}}
+    (fake.dir / "qsub.ids").write_text("4001.pbs01\n4002[].pbs01\n4003.pbs01\n")
+    fake.set("qstat-json", EMPTY_JSON)
+
+    async def step(status: dict[str, object]) -> dict[str, object]:
+        runtime.poller("pbs").snapshot.taken_at = 0.0  # due: every step polls
+        return await reconciler.reconcile(body, status)
+
+    status = await step({})
+    assert fake.calls("qsub") == [["qsub"], ["qsub"]]
+    array_script = (fake.dir / "qsub.stdin.2").read_text()
+    assert "#PBS -J 0-1" in array_script and "#PBS -r y" in array_script
+    assert "#PBS -P ab12" in array_script and "#PBS -q normal" in array_script
+    assert status["phase"] == "Pending" and status["schedulerJobId"] == "4001.pbs01"
+
+    fake.set("qstat-json", _listing({
+        "4001.pbs01": ("held", ident(Role.SCHEDULER)),
+        "4002[0].pbs01": ("held", ident(index=0)), "4002[1].pbs01": ("held", ident(index=1))}))
+    status = await step(status)
+    assert status["phase"] == "Pending"
+    assert status["workers"] == {"desired": 2, "pending": 2, "running": 0, "ready": 0}
+    assert len(fake.calls("qsub")) == 2  # queue wait is never failure
+
+    running = {"4001.pbs01": ("running", ident(Role.SCHEDULER)),
+               "4002[0].pbs01": ("running", ident(index=0)),
+               "4002[1].pbs01": ("running", ident(index=1))}
+    fake.set("qstat-json", _listing(running))
+    status = await step(status)
+    assert status["workers"]["running"] == 2 and len(fake.calls("qsub")) == 2
+
+    # Worker 1 leaves the listing; its history record says Exit_status 127.
+    del running["4002[1].pbs01"]
+    fake.set("qstat-json", _listing(running))
+    fake.replay("qstat-history", transcript("qstat-text-history-failed.txt").retarget(
+        "171390152.mycluster", "4002[1].pbs01"))
+    status = await step(status)
+    assert ["qstat", "-x", "-f", "4002[1].pbs01"] in fake.calls("qstat")
+    assert len(fake.calls("qsub")) == 3
+    replacement = (fake.dir / "qsub.stdin.3").read_text()
+    assert "#PBS -J" not in replacement  # one new worker: a plain job, not a 1-task array
+    assert f"DASK_HPC_IDENTITY={ident(index=2).comment()}" in replacement
+
+    running["4003.pbs01"] = ("held", ident(index=2))
+    fake.set("qstat-json", _listing(running))
+    left = await reconciler.teardown(body)
+    (qdel,) = fake.calls("qdel")
+    assert sorted(qdel[1:]) == ["4001.pbs01", "4002[0].pbs01", "4003.pbs01"]
+    assert left  # still listed as running until PBS reports them gone
+
+
+async def test_reconcile_reports_a_qsub_error_and_records_nothing(fake: FakePbs,
+                                                                  tmp_path: Path) -> None:
+    runtime = Runtime(SiteConfig(backend="pbs", staging_dir=str(tmp_path)))
+    fake.replay("qsub", transcript("qsub-unknown-queue.txt"))
+    fake.set("qstat-json", EMPTY_JSON)
+    events: list[tuple[str, str, str]] = []
+    body = {"apiVersion": API_VERSION, "kind": "DaskCluster",
+            "metadata": {"name": "c1", "namespace": "default", "uid": UID},
+            "spec": {"backend": "pbs", "worker": {"replicas": 1, "queue": "nosuchq"}}}
+    status = await ClusterReconciler(runtime).reconcile(
+        body, {}, lambda *e: events.append(e))
+    assert "qsub: Unknown queue" in str(status["message"])
+    assert ("Warning", "SubmitFailed") in [(e[0], e[1]) for e in events]
+    assert runtime.poller("pbs").snapshot.owned_by(UID) == []

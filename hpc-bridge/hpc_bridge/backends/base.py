@@ -31,6 +31,11 @@ class Backend(Protocol):
         """The id of one task of the array `job_id`, as poll() reports and cancel() takes."""
         ...
 
+    def array_batches(self, indices: Sequence[int]) -> tuple[list[tuple[int, ...]], list[int]]:
+        """How to submit these new tasks of one group: (arrays, each one submission; indices
+        to submit as plain jobs). Batch systems differ in what one array can hold."""
+        ...
+
     async def poll(self) -> list[ObservedJob]:
         """Every job that carries a dask-hpc identity, in ONE batch-system query."""
         ...

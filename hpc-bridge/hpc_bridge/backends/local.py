@@ -68,6 +68,9 @@ class LocalBackend:
     def task_job_id(self, job_id: str, index: int) -> str:
         raise NotImplementedError("the local backend has no arrays")
 
+    def array_batches(self, indices: Sequence[int]) -> tuple[list[tuple[int, ...]], list[int]]:
+        return [], sorted(set(indices))
+
     async def submit(self, request: JobRequest) -> str:
         self.calls["submit"] += 1
         job_id, job_dir = self._new_job_dir()

@@ -147,6 +147,36 @@ def array_directive(indices: Iterable[int]) -> str:
     return f"-J {low}-{high}" + (f":{step}" if step != 1 else "")
 
 
+def array_batches(indices: Iterable[int], max_size: int = 0
+                  ) -> tuple[list[tuple[int, ...]], list[int]]:
+    """New tasks as PBS can submit them: (arrays, plain jobs).
+
+    A PBS array is one range (`-J X-Y`) of at least two subjobs (`-J 5-5` is refused:
+    openpbs/openpbs#2701) and at most the server's `max_array_size` (NCI's Raijin kept it at
+    10). Replacement leaves gaps in a group's indices, so each run of consecutive indices is
+    cut into arrays of at most `max_size` (0: no limit); a run or remainder of one index is
+    a plain job.
+    """
+    ordered = sorted(set(indices))
+    runs: list[list[int]] = []
+    for index in ordered:
+        if runs and index == runs[-1][-1] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    arrays: list[tuple[int, ...]] = []
+    singles: list[int] = []
+    for run in runs:
+        size = max_size if max_size > 1 else len(run)
+        for start in range(0, len(run), size):
+            chunk = run[start:start + size]
+            if len(chunk) > 1:
+                arrays.append(tuple(chunk))
+            else:
+                singles += chunk
+    return arrays, singles
+
+
 def array_task_id(job_id: str, index: int) -> str:
     """`1234[].server` (what qsub prints for an array) -> `1234[5].server` (a subjob)."""
     match = _ARRAY_PARENT.match(job_id)
@@ -338,16 +368,18 @@ class PbsBackend:
     kind = "pbs"
 
     def __init__(self, runner: CommandRunner | None = None, *, name_limit: int = PBS_NAME_LIMIT,
-                 arrays: bool = False) -> None:
+                 arrays: bool = False, max_array_size: int = 0) -> None:
         """`name_limit`: the server's Job_Name limit (15 on older servers). `arrays`: submit
-        a group's new workers as one `-J` array; polls then list subjobs (`qstat -t`). Off by
-        default: the reconcile still records array tasks under SLURM's `<id>_<index>` ids,
-        where PBS's are `<seq>[<index>].<server>` (see array_task_id)."""
+        a group's new workers as `-J` arrays (see array_batches; `max_array_size` is the
+        server's limit, 0 none); polls then list subjobs too (`qstat -t`), and the reconcile
+        records each task as `<seq>[<index>].<server>` (array_task_id). Sites that forbid
+        arrays (NCI Gadi) turn them off in the site configuration."""
         if name_limit < MIN_NAME_LIMIT:
             raise ValueError(f"a PBS job name limit below {MIN_NAME_LIMIT} leaves no room")
         self.runner = runner or CommandRunner()
         self.name_limit = name_limit
         self.supports_arrays = arrays
+        self.max_array_size = max_array_size
         self._json: bool | None = None  # None: not tried yet; False: the server has no JSON
         self._history = True  # False: the server keeps no job history (qstat -x refuses)
         self._last_seen: dict[str, ObservedJob] = {}
@@ -358,6 +390,9 @@ class PbsBackend:
 
     def task_job_id(self, job_id: str, index: int) -> str:
         return array_task_id(job_id, index)
+
+    def array_batches(self, indices: Sequence[int]) -> tuple[list[tuple[int, ...]], list[int]]:
+        return array_batches(indices, self.max_array_size)
 
     async def submit(self, request: JobRequest) -> str:
         os.makedirs(request.log_dir, exist_ok=True)

@@ -189,6 +189,10 @@ class SlurmBackend:
     def task_job_id(self, job_id: str, index: int) -> str:
         return f"{job_id}_{index}"  # scancel 1234_5 cancels one task
 
+    def array_batches(self, indices: Sequence[int]) -> tuple[list[tuple[int, ...]], list[int]]:
+        """One array of any index list (`--array=3,5-7`); a one-task array is valid too."""
+        return ([tuple(sorted(set(indices)))] if indices else []), []
+
     async def submit(self, request: JobRequest) -> str:
         os.makedirs(request.log_dir, exist_ok=True)
         # The script goes on stdin: nothing user-derived is ever a command-line word here.

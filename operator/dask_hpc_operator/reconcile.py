@@ -29,6 +29,7 @@ from hpc_bridge.scripts import LISTENERS_PRELOAD, RenderContext, render, render_
 
 from . import dask_rpc, job_logs
 from .autoscaling import idle_expired
+from .status_events import emit, status_events
 from .model import ClusterModel, GroupModel
 from .planning import (
     SCHEDULER_ROLES,
@@ -213,9 +214,7 @@ class ClusterReconciler:
         status["observedGeneration"] = manifest.get("metadata", {}).get("generation")
         if not status.get("schedulerJobId"):
             status["schedulerJobId"] = old_status.get("schedulerJobId")
-        if status["phase"] != old_status.get("phase"):
-            events("Warning" if status["phase"] == "Failed" else "Normal",
-                   status["phase"], status["message"])
+        emit(events, status_events(old_status, status))
         return status
 
     async def _act(self, model: ClusterModel, ctx: RenderContext, plan: Plan,
@@ -400,8 +399,7 @@ class GroupReconciler(ClusterReconciler):
         status = group_status(group, jobs, dask, plan, problem, old_conditions, now_iso(),
                               error_tails(model.backend, ctx, plan))
         status["observedGeneration"] = meta.get("generation")
-        if status["phase"] != old_status.get("phase"):
-            events("Normal", status["phase"], status["message"])
+        emit(events, status_events(old_status, status))
         return status
 
     def render_group(self, manifest: dict[str, Any],

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -23,6 +24,7 @@ from .autoscaler_reconcile import AutoscalerReconciler
 from .constants import KIND_AUTOSCALER, KIND_CLUSTER, KIND_JOB, KIND_WORKER_GROUP
 from .job_planning import TERMINAL_PHASES
 from .job_reconcile import JobReconciler
+from .queue_reasons import explain, waiting_reason
 from .reconcile import GroupReconciler, Runtime
 from .validation import ManifestError, validate
 
@@ -138,20 +140,43 @@ class OutputTail:
 
 
 class Progress:
-    """One line per change of what a cluster is doing; quiet while nothing changes."""
+    """One line per change of what a cluster is doing; while a job waits in the queue with
+    nothing changing, a reminder at 30 s, 2, 10 and 30 min (then every 30 min) that says
+    why in plain words (queue_reasons), so a long wait never looks like a hang."""
 
-    def __init__(self, out: TextIO) -> None:
+    NUDGES = (30.0, 120.0, 600.0, 1800.0)
+
+    def __init__(self, out: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
         self.out = out
-        self.started = time.monotonic()
+        self.clock = clock
+        self.started = clock()
         self.last: dict[str, str] = {}
+        self.since: dict[str, float] = {}
+        self.nudged: dict[str, int] = {}
+
+    def _print(self, text: str) -> None:
+        print(f"[{self.clock() - self.started:6.1f}s] {text}", file=self.out, flush=True)
 
     def show(self, resource: Resource) -> None:
         status = resource.status
-        line = f"{status.get('phase', '?')}: {status.get('message', '')}"
-        if self.last.get(resource.key) != line:
-            self.last[resource.key] = line
-            elapsed = time.monotonic() - self.started
-            print(f"[{elapsed:6.1f}s] {resource.key} {line}", file=self.out, flush=True)
+        message = str(status.get("message", ""))
+        line = f"{status.get('phase', '?')}: {message}"
+        key = resource.key
+        if self.last.get(key) != line:
+            self.last[key], self.since[key], self.nudged[key] = line, self.clock(), 0
+            self._print(f"{key} {line}")
+            return
+        reason = waiting_reason(message)
+        if reason is None:
+            return
+        waited = self.clock() - self.since[key]
+        n = self.nudged[key]
+        due = self.NUDGES[n] if n < len(self.NUDGES) else self.NUDGES[-1] * (n - 2)
+        if waited >= due:
+            self.nudged[key] = n + 1
+            why = explain(reason)
+            self._print(f"{key} still queued after {waited / 60:.0f} min ({reason})"
+                        + (f": {why}" if why else ""))
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)

@@ -48,6 +48,31 @@ def test_up_runs_a_computation_and_leaves_nothing(config: Path, tmp_path: Path) 
     assert processes_under(tmp_path / "staging") == []
 
 
+AUTOSCALED_WORK = """
+import time
+from distributed import Client
+with Client() as client:
+    assert not client.scheduler_info()["workers"], "the cluster should start with none"
+    futures = client.map(lambda i: time.sleep(0.5) or i, range(40))
+    peak = 0
+    while not all(f.done() for f in futures):
+        peak = max(peak, len(client.scheduler_info()["workers"]))
+        time.sleep(0.2)
+    print("sum", sum(client.gather(futures)), "peak workers", peak)
+"""
+
+
+def test_the_autoscaler_example_grows_from_nothing(config: Path) -> None:
+    """examples/autoscaler-local.yaml: zero workers until work arrives, then 1..4."""
+    result = run(["up", "-f", "examples/autoscaler-local.yaml", "--",
+                  sys.executable, "-c", AUTOSCALED_WORK], config, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    words = result.stdout.split("sum ", 1)[1].split()
+    assert words[0] == str(sum(range(40)))
+    assert 1 <= int(words[3]) <= 4, result.stdout
+    assert result.stdout.rstrip().endswith("no job left")
+
+
 def test_up_passes_the_command_exit_code(config: Path) -> None:
     result = run(["up", "-f", "examples/cluster-local.yaml", "--",
                   sys.executable, "-c", "raise SystemExit(7)"], config)

@@ -111,3 +111,8 @@ def test_example_validates(path: Path) -> None:
     for doc in docs:
         valid = validate(doc)
         assert valid["kind"] in crd_schema.ALL_KINDS
+
+
+def test_every_kind_has_an_example() -> None:
+    kinds = {doc["kind"] for path in EXAMPLES for doc in load_documents(path)}
+    assert kinds == set(crd_schema.ALL_KINDS)

@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--config", help="site configuration YAML (default: $DASK_HPC_CONFIG)")
     op.add_argument("--namespace", action="append",
                     help="watch only this namespace (repeatable; default: cluster-wide)")
+    op.add_argument("--metrics-port", type=int, metavar="PORT",
+                    help="serve Prometheus metrics at :PORT/metrics (default: the site "
+                    "config's metricsPort, 8000; 0 = off)")
     op.add_argument("--verbose", action="store_true")
 
     up = sub.add_parser("up", help="run manifests without Kubernetes, in the foreground",
@@ -133,9 +136,19 @@ def cmd_operator(args: argparse.Namespace, site: SiteConfig) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .kube_store import KubeClusterStore
+    from .metrics import OperatorMetrics, serve
 
-    registry = build_registry(Runtime(site), kopf.get_default_registry(),
-                              store=KubeClusterStore.from_environment())
+    runtime = Runtime(site)
+    port = site.metrics_port if args.metrics_port is None else args.metrics_port
+    metrics = OperatorMetrics(runtime) if port else None
+    if metrics is not None:
+        try:
+            serve(metrics, port)  # a daemon thread: it ends with the operator
+        except (OSError, OverflowError) as exc:
+            raise ConfigError(f"metrics endpoint: cannot listen on port {port}: {exc} (set "
+                              "metricsPort or --metrics-port; 0 = off)") from exc
+    registry = build_registry(runtime, kopf.get_default_registry(),
+                              store=KubeClusterStore.from_environment(), metrics=metrics)
     kopf.run(registry=registry, clusterwide=not args.namespace,
              namespaces=args.namespace or (), standalone=True)
     return 0

@@ -9,7 +9,7 @@ explicit registry (not kopf's global one) so tests and the CLI each build their 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kopf
 
@@ -27,6 +27,9 @@ from .constants import (
 from .job_reconcile import JobReconciler
 from .reconcile import ClusterReconciler, GroupReconciler, Runtime
 
+if TYPE_CHECKING:
+    from .metrics import OperatorMetrics
+
 log = logging.getLogger(__name__)
 
 
@@ -40,8 +43,12 @@ def _event_sink(body: kopf.Body) -> Any:
 
 
 def _register(registry: kopf.OperatorRegistry, resource: tuple[str, str, str],
-              interval: float, reconcile: Any, delete: Any, cleanup: bool = True) -> None:
-    """Every cause calls the same reconcile; deletion has its own handler (and finalizer)."""
+              interval: float, reconcile: Any, delete: Any, cleanup: bool = True,
+              metrics: OperatorMetrics | None = None) -> None:
+    """Every cause calls the same reconcile; deletion has its own handler (and finalizer).
+    With `metrics`, the kind's phase is watched and its handlers' errors counted."""
+    if metrics is not None:
+        reconcile, delete = metrics.instrument(registry, resource, reconcile, delete)
     for cause, decorator in (("create", kopf.on.create), ("update", kopf.on.update),
                              ("resume", kopf.on.resume)):
         decorator(*resource, registry=registry, id=f"reconcile-{cause}")(reconcile)
@@ -62,11 +69,13 @@ def _manifest(body: kopf.Body) -> dict[str, Any]:
 
 def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = None,
                    timer_interval: float | None = None,
-                   store: ObjectStore | None = None) -> kopf.OperatorRegistry:
+                   store: ObjectStore | None = None,
+                   metrics: OperatorMetrics | None = None) -> kopf.OperatorRegistry:
     """Register the handlers. The CLI passes kopf's default registry, whose fallback logins
     (kubeconfig, in-cluster service account) production needs; tests pass a fresh one and
     add a login handler for the emulator. `store` is how DaskJobs create their clusters
-    (the Kubernetes API; without one, DaskJobs of mode cluster wait with a message)."""
+    (the Kubernetes API; without one, DaskJobs of mode cluster wait with a message).
+    `metrics` (metrics.OperatorMetrics), when given, is fed every kind's phase and errors."""
     registry = registry if registry is not None else kopf.OperatorRegistry()
     reconciler = ClusterReconciler(runtime)
     interval = timer_interval or runtime.site.poll_interval
@@ -152,10 +161,11 @@ def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = No
 
     kopf.index(*resource, registry=registry, id="clusters_by_name")(clusters_by_name)
     _register(registry, (GROUP, VERSION, plural(KIND_AUTOSCALER)), interval,
-              reconcile_autoscaler, forget_autoscaler, cleanup=False)
-    _register(registry, job_resource, interval, reconcile_job, delete_job)
-    _register(registry, resource, interval, reconcile_cluster, delete_cluster)
-    _register(registry, group_resource, interval, reconcile_group, delete_group)
+              reconcile_autoscaler, forget_autoscaler, cleanup=False, metrics=metrics)
+    _register(registry, job_resource, interval, reconcile_job, delete_job, metrics=metrics)
+    _register(registry, resource, interval, reconcile_cluster, delete_cluster, metrics=metrics)
+    _register(registry, group_resource, interval, reconcile_group, delete_group,
+              metrics=metrics)
 
     kopf.on.startup(registry=registry)(configure)
     return registry

@@ -29,7 +29,6 @@ from hpc_bridge.scripts import LISTENERS_PRELOAD, RenderContext, render, render_
 
 from . import dask_rpc, job_logs
 from .autoscaling import idle_expired
-from .status_events import emit, status_events
 from .model import ClusterModel, GroupModel
 from .planning import (
     SCHEDULER_ROLES,
@@ -43,6 +42,7 @@ from .planning import (
     rejected_status,
 )
 from .site_config import SiteConfig
+from .status_events import emit, status_events
 from .validation import ManifestError, validate
 
 log = logging.getLogger(__name__)

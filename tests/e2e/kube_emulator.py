@@ -31,6 +31,7 @@ import pytest
 from dask_hpc_operator.constants import GROUP, NAMES, VERSION
 from dask_hpc_operator.handlers import build_registry
 from dask_hpc_operator.kube_store import KubeClusterStore
+from dask_hpc_operator.metrics import OperatorMetrics
 from dask_hpc_operator.reconcile import Runtime
 
 
@@ -95,11 +96,14 @@ def _settings() -> kopf.OperatorSettings:
     return settings
 
 
-def run_operator(url: str, runtime: Runtime) -> Iterator[None]:
+def run_operator(url: str, runtime: Runtime,
+                 metrics: OperatorMetrics | None = None) -> Iterator[None]:
     """kopf in its own thread and event loop (kopf cancels foreign tasks of its loop on
-    exit, which would include pytest-asyncio's)."""
+    exit, which would include pytest-asyncio's). `metrics` is handed to the handlers as the
+    CLI hands it (the test serves it itself)."""
     store = KubeClusterStore(custom_objects(url))
-    registry = build_registry(runtime, kopf.OperatorRegistry(), timer_interval=1.0, store=store)
+    registry = build_registry(runtime, kopf.OperatorRegistry(), timer_interval=1.0, store=store,
+                              metrics=metrics)
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:

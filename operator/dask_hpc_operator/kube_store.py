@@ -15,6 +15,7 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from .constants import GROUP, KIND_CLUSTER, VERSION, plural
+from .site_config import ConfigError
 
 
 class KubeClusterStore:
@@ -28,7 +29,13 @@ class KubeClusterStore:
         try:
             kubernetes.config.load_incluster_config()
         except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config()
+            try:
+                kubernetes.config.load_kube_config()
+            except (kubernetes.config.ConfigException, OSError) as exc:
+                raise ConfigError(
+                    f"no Kubernetes API to talk to: not in a pod, and no usable kubeconfig "
+                    f"({exc}). Set KUBECONFIG or run in the cluster; without Kubernetes, "
+                    "use `dask-hpc up -f FILE`") from exc
         return cls(kubernetes.client.CustomObjectsApi())
 
     async def get(self, namespace: str, name: str) -> dict[str, Any] | None:

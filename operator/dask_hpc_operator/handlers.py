@@ -8,6 +8,7 @@ explicit registry (not kopf's global one) so tests and the CLI each build their 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from .constants import (
 )
 from .job_reconcile import JobReconciler
 from .reconcile import ClusterReconciler, GroupReconciler, Runtime
+from .sweep import sweep
 
 if TYPE_CHECKING:
     from .metrics import OperatorMetrics
@@ -70,12 +72,15 @@ def _manifest(body: kopf.Body) -> dict[str, Any]:
 def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = None,
                    timer_interval: float | None = None,
                    store: ObjectStore | None = None,
-                   metrics: OperatorMetrics | None = None) -> kopf.OperatorRegistry:
+                   metrics: OperatorMetrics | None = None,
+                   namespaces: list[str] | None = None) -> kopf.OperatorRegistry:
     """Register the handlers. The CLI passes kopf's default registry, whose fallback logins
     (kubeconfig, in-cluster service account) production needs; tests pass a fresh one and
     add a login handler for the emulator. `store` is how DaskJobs create their clusters
     (the Kubernetes API; without one, DaskJobs of mode cluster wait with a message).
-    `metrics` (metrics.OperatorMetrics), when given, is fed every kind's phase and errors."""
+    `metrics` (metrics.OperatorMetrics), when given, is fed every kind's phase and errors.
+    With a store that can list resources, the orphan sweep (sweep.py) runs every
+    `sweepInterval` over `namespaces` (None: all), the ones kopf watches."""
     registry = registry if registry is not None else kopf.OperatorRegistry()
     reconciler = ClusterReconciler(runtime)
     interval = timer_interval or runtime.site.poll_interval
@@ -168,4 +173,25 @@ def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = No
               metrics=metrics)
 
     kopf.on.startup(registry=registry)(configure)
+    list_uids = getattr(store, "list_uids", None)
+    if list_uids is not None and runtime.site.sweep_interval > 0:
+        sweeper: dict[str, asyncio.Task[None]] = {}
+
+        async def sweep_forever() -> None:
+            while True:
+                await asyncio.sleep(runtime.site.sweep_interval)
+                try:
+                    await sweep(runtime, lambda: list_uids(namespaces), namespaces)
+                except Exception:  # an API or batch outage: try again next period
+                    logging.getLogger(__name__).exception("orphan sweep failed")
+
+        async def start_sweep(**_: Any) -> None:
+            sweeper["task"] = asyncio.create_task(sweep_forever())
+
+        async def stop_sweep(**_: Any) -> None:
+            if "task" in sweeper:
+                sweeper["task"].cancel()
+
+        kopf.on.startup(registry=registry, id="sweep")(start_sweep)
+        kopf.on.cleanup(registry=registry, id="sweep")(stop_sweep)
     return registry

@@ -14,7 +14,7 @@ from typing import Any
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from .constants import GROUP, KIND_CLUSTER, VERSION, plural
+from .constants import GROUP, KIND_CLUSTER, KIND_JOB, KIND_WORKER_GROUP, VERSION, plural
 from .site_config import ConfigError
 
 
@@ -51,6 +51,23 @@ class KubeClusterStore:
                 return None
             raise
         return found if isinstance(found, dict) else None
+
+    async def list_uids(self, namespaces: list[str] | None = None) -> set[str]:
+        """The uids of every resource that may own batch jobs (clusters, worker groups,
+        DaskJobs), in these namespaces or all: what the orphan sweep keeps."""
+        uids: set[str] = set()
+        pages: list[Any]
+        for kind in (KIND_CLUSTER, KIND_WORKER_GROUP, KIND_JOB):
+            if namespaces:
+                pages = [await asyncio.to_thread(self.api.list_namespaced_custom_object,
+                                                 *self.args, ns, plural(kind))
+                         for ns in namespaces]
+            else:
+                pages = [await asyncio.to_thread(self.api.list_cluster_custom_object,
+                                                 *self.args, plural(kind))]
+            uids |= {str(item["metadata"]["uid"]) for page in pages
+                     for item in page.get("items", [])}
+        return uids
 
     async def create(self, manifest: dict[str, Any]) -> None:
         namespace = manifest["metadata"]["namespace"]

@@ -61,6 +61,9 @@ class SiteConfig:
     metrics_port: int = 8000
     # PBS servers differ: Job_Name limit (15 on older servers), whether job arrays are
     # allowed at all (NCI Gadi: no) and the server's max_array_size (0: no limit known).
+    # Seconds between orphan sweeps (jobs whose resource no longer exists are cancelled);
+    # 0 = never. Only the operator sweeps, never `dask-hpc up`.
+    sweep_interval: float = 300.0
     pbs_job_name_limit: int = 15
     pbs_arrays: bool = True
     pbs_max_array_size: int = 0

@@ -81,7 +81,8 @@ OWNER_REFERENCE_NEEDS = [
 # The CustomObjectsApi methods kube_store calls, and the verb each needs.
 API_VERBS = {"get_namespaced_custom_object": "get", "create_namespaced_custom_object": "create",
              "delete_namespaced_custom_object": "delete",
-             "patch_namespaced_custom_object": "patch"}
+             "patch_namespaced_custom_object": "patch",
+             "list_namespaced_custom_object": "list", "list_cluster_custom_object": "list"}
 
 
 def kube_store_needs() -> list[tuple[str, str, str]]:

@@ -55,6 +55,7 @@ from .hpc_cluster_stores import (
     ResourceStore,
     StandaloneStore,
 )
+from .queue_reasons import explain, waiting_reason
 from .site_config import SiteConfig
 from .validation import ManifestError, matches, validate
 
@@ -422,9 +423,16 @@ class HPCCluster(Cluster):
                 f"{workers.get('ready', 0)} / {workers.get('desired', 0)}</td></tr></table>")
 
     def _say(self, line: str) -> None:
+        """Each change of what the start waits for goes to the cluster's log, which Dask's
+        Cluster also prints unless `quiet=True` (a notebook shows it under the cell); a
+        queued job's reason is explained in plain words, so a long wait never looks hung."""
         if line and line != self._said:
             self._said = line
-            self._log(f"DaskCluster {self.namespace}/{self.name}: {line}")
+            reason = waiting_reason(line)
+            why = explain(reason) if reason else None
+            text = f"DaskCluster {self.namespace}/{self.name}: {line}" + (
+                f" ({why})" if why else "")
+            self._log(text)
 
     # --- start ---------------------------------------------------------------------------
 

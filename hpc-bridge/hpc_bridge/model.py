@@ -9,6 +9,7 @@ lets a restarted operator adopt jobs instead of submitting them again.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -70,9 +71,10 @@ class JobIdentity:
         if self.index < 0:
             raise IdentityError("index must be >= 0")
 
-    @property
+    @functools.cached_property
     def job_name(self) -> str:
-        """Deterministic; also the Dask worker name, so a worker maps back to its job."""
+        """Deterministic; also the Dask worker name, so a worker maps back to its job.
+        Cached: the reconcile asks it of every job several times per cycle."""
         if self.role is Role.WORKER:
             return f"dask.{self.namespace}.{self.cluster}.{self.group}.{self.index}"
         return f"dask.{self.namespace}.{self.cluster}.{self.role.value}.{self.index}"

@@ -25,8 +25,23 @@ class Snapshot:
     jobs: dict[str, ObservedJob] = field(default_factory=dict)
     taken_at: float = 0.0  # monotonic
 
+    _by_owner: dict[str, list[ObservedJob]] | None = field(default=None, repr=False,
+                                                           compare=False)
+
     def owned_by(self, owner_uid: str) -> list[ObservedJob]:
-        return [j for j in self.jobs.values() if j.identity.owner_uid == owner_uid]
+        """One owner's jobs. Every reconcile asks this of the shared snapshot, so the owner
+        index is built once per snapshot (a scan per call made a cycle over C clusters of
+        W jobs cost C x C x W)."""
+        if self._by_owner is None:
+            index: dict[str, list[ObservedJob]] = {}
+            for job in self.jobs.values():
+                index.setdefault(job.identity.owner_uid, []).append(job)
+            self._by_owner = index
+        return list(self._by_owner.get(owner_uid, ()))
+
+    def put(self, job: ObservedJob) -> None:
+        self.jobs[job.job_id] = job
+        self._by_owner = None
 
 
 class BatchSystemUnavailable(RuntimeError):
@@ -95,7 +110,7 @@ class BatchedPoller:
         return self.snapshot
 
     def _record(self, job: ObservedJob) -> None:
-        self.snapshot.jobs[job.job_id] = job
+        self.snapshot.put(job)
         self._recorded[job.job_id] = (job, time.monotonic())
 
     def record_submitted(self, job: ObservedJob) -> None:

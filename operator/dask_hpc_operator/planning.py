@@ -11,6 +11,7 @@ failing may submit again (FailurePolicy).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,8 +102,21 @@ class DaskView:
     idle_since: float | None = None  # the scheduler's clock; None while it has work
     clock: float | None = None  # the scheduler's clock when asked
 
+    @functools.cached_property
+    def _by_job_name(self) -> dict[str, list[WorkerView]]:
+        """Workers under every job name they may belong to: their own name and each prefix
+        before a `-` (a job of processes > 1 runs `<job name>-<i>`), the same rule as
+        JobIdentity.owns_worker_name, built once instead of a scan per job."""
+        index: dict[str, list[WorkerView]] = {}
+        for worker in self.workers:
+            keys = {worker.name} | {worker.name[:i] for i, c in enumerate(worker.name)
+                                    if c == "-"}
+            for key in keys:
+                index.setdefault(key, []).append(worker)
+        return index
+
     def workers_of(self, job: ObservedJob) -> list[WorkerView]:
-        return [w for w in self.workers if job.identity.owns_worker_name(w.name)]
+        return list(self._by_job_name.get(job.identity.job_name, ()))
 
 
 @dataclass

@@ -18,6 +18,14 @@ fi
 
 if [[ "$(id -u)" == 0 ]]; then
   bash scripts/slurm-up.sh
+  # Headless Chromium opens the HTML history report in a test (Debian's package; the
+  # Ubuntu chromium-browser is a snap shim that does not run in containers).
+  if ! command -v chromium >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -qq -y -o DPkg::Lock::Timeout=600 install chromium >/dev/null || {
+      apt-get -qq -o DPkg::Lock::Timeout=600 update
+      apt-get -qq -y -o DPkg::Lock::Timeout=600 install chromium >/dev/null; }
+  fi
   # UCX (distributed-ucxx) pins its own dask version, so it gets a venv of its own; the
   # UCX test runs `dask-hpc up` from it. About 300 MB; runs on CPUs over UCX's TCP transport.
   if [[ ! -x .venv-ucx/bin/dask-hpc ]]; then

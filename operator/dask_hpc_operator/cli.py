@@ -1,4 +1,4 @@
-"""`dask-hpc`: operator, up, render, validate, crds.
+"""`dask-hpc`: operator, up, render, validate, crds, history, report.
 
 Exit codes: 0 success, 1 runtime failure, 2 invalid input (the message names the field).
 """
@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 
 import yaml
 
-from . import crd_schema
+from . import crd_schema, history
 from .constants import KIND_CLUSTER, KIND_JOB, KIND_WORKER_GROUP, NAMES
 from .job_reconcile import JobReconciler
 from .manifests import load_documents
@@ -59,6 +60,28 @@ def _parser() -> argparse.ArgumentParser:
 
     crds = sub.add_parser("crds", help="print the CRDs (or write them to a directory)")
     crds.add_argument("--write", metavar="DIR")
+
+    hist = sub.add_parser("history", help="list past clusters, or one cluster's computations",
+                          description="What clusters computed, read from the history their "
+                          "schedulers recorded in the staging directory (kept after the "
+                          "cluster is deleted). Times are UTC.")
+    hist.add_argument("cluster", nargs="?", metavar="CLUSTER",
+                      help="a cluster name (or NAME-UID8): list its computations")
+    hist.add_argument("--namespace", "-n", help="only this namespace (default: all)")
+    hist.add_argument("--json", action="store_true", help="machine-readable output")
+    hist.add_argument("--config")
+    hist.add_argument("--staging-dir", help="read this staging directory instead of the "
+                      "site configuration's")
+
+    report = sub.add_parser("report", help="write one cluster's history as an HTML report",
+                            description="A self-contained HTML file (no script, no network): "
+                            "timeline of workers and computations, slowest task prefixes, "
+                            "errors.")
+    report.add_argument("cluster", metavar="CLUSTER", help="a cluster name (or NAME-UID8)")
+    report.add_argument("--namespace", "-n", help="only this namespace (default: all)")
+    report.add_argument("-o", "--output", help="file to write (default: CLUSTER-report.html)")
+    report.add_argument("--config")
+    report.add_argument("--staging-dir")
     return p
 
 
@@ -148,7 +171,8 @@ def cmd_operator(args: argparse.Namespace, site: SiteConfig) -> int:
             raise ConfigError(f"metrics endpoint: cannot listen on port {port}: {exc} (set "
                               "metricsPort or --metrics-port; 0 = off)") from exc
     registry = build_registry(runtime, kopf.get_default_registry(),
-                              store=KubeClusterStore.from_environment(), metrics=metrics)
+                              store=KubeClusterStore.from_environment(), metrics=metrics,
+                              namespaces=args.namespace or None)
     kopf.run(registry=registry, clusterwide=not args.namespace,
              namespaces=args.namespace or (), standalone=True)
     return 0
@@ -163,6 +187,60 @@ def cmd_up(args: argparse.Namespace, site: SiteConfig) -> int:
     return asyncio.run(up(Runtime(site), resources, command or None))
 
 
+def _history_of(args: argparse.Namespace, site: SiteConfig) -> history.ClusterHistory | None:
+    """The history `args.cluster` names (the newest of that name), or None (said why)."""
+    files = history.find(args.staging_dir or site.staging_dir, args.namespace)
+    try:
+        chosen, others = history.select(files, args.cluster)
+    except LookupError:
+        print(f"dask-hpc: no history of a cluster named {args.cluster!r} under "
+              f"{args.staging_dir or site.staging_dir}", file=sys.stderr)
+        return None
+    if others:
+        print(f"dask-hpc: {len(others) + 1} clusters named {args.cluster!r}; showing the "
+              f"newest, {chosen.key} (others: {', '.join(f.key for f in others)})",
+              file=sys.stderr)
+    return history.load(chosen)
+
+
+def cmd_history(args: argparse.Namespace, site: SiteConfig) -> int:
+    if args.cluster:
+        one = _history_of(args, site)
+        if one is None:
+            return 1
+        print(history.dumps(one.to_json()) if args.json else history.format_computations(one))
+        return 0
+    loaded = []
+    for f in history.find(args.staging_dir or site.staging_dir, args.namespace):
+        try:
+            loaded.append(history.load(f))
+        except sqlite3.Error as exc:
+            print(f"dask-hpc: skipping {f.path}: {exc}", file=sys.stderr)
+    loaded.sort(key=lambda h: h.start or 0.0)
+    if args.json:
+        print(history.dumps([{k: v for k, v in h.to_json().items()
+                              if k in ("namespace", "name", "uid", "start", "end", "state",
+                                       "tasks", "erred", "file")}
+                             | {"computations": len(h.computations)} for h in loaded]))
+    elif loaded:
+        print(history.format_clusters(loaded))
+    else:
+        print(f"no cluster history under {args.staging_dir or site.staging_dir}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, site: SiteConfig) -> int:
+    from .history_report import render as render_report
+
+    one = _history_of(args, site)
+    if one is None:
+        return 1
+    out = Path(args.output or f"{one.name}-report.html")
+    out.write_text(render_report(one), encoding="utf-8")
+    print(f"wrote {out} ({len(one.computations)} computations, {one.tasks} tasks)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -175,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_render(args, site)
         if args.command == "up":
             return cmd_up(args, site)
+        if args.command == "history":
+            return cmd_history(args, site)
+        if args.command == "report":
+            return cmd_report(args, site)
         return cmd_operator(args, site)
     except ManifestError as exc:
         return _fail(f"invalid manifest: {exc}")

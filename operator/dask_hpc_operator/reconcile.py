@@ -24,10 +24,11 @@ from hpc_bridge.backends.pbs import PbsBackend
 from hpc_bridge.backends.slurm import SlurmBackend
 from hpc_bridge.model import JobIdentity, JobRequest, JobState, ObservedJob, Role
 from hpc_bridge.poller import BatchedPoller, BatchSystemUnavailable
+from hpc_bridge.preloads import history as history_preload
 from hpc_bridge.preloads import scaling as scaling_preload
 from hpc_bridge.scripts import LISTENERS_PRELOAD, RenderContext, render, render_worker
 
-from . import dask_rpc, job_logs
+from . import dask_rpc, history, job_logs
 from .autoscaling import idle_expired
 from .model import ClusterModel, GroupModel
 from .planning import (
@@ -47,10 +48,13 @@ from .validation import ManifestError, validate
 
 log = logging.getLogger(__name__)
 SUBMIT_CONCURRENCY = 8
-# The scaling handler's source, copied next to the scheduler file and preloaded by path, so
-# the compute nodes need only dask and distributed.
+# Scheduler preloads, file name -> source: copied next to the scheduler file and preloaded
+# by path, so the compute nodes need only dask and distributed. The per-group scaling
+# handler, and the computation history (`dask-hpc history`).
 SCALING_PRELOAD = Path(scaling_preload.__file__).read_text()
 SCALING_PRELOAD_NAME = "dask_hpc_scaling.py"
+SCHEDULER_PRELOADS = {SCALING_PRELOAD_NAME: SCALING_PRELOAD,
+                      "dask_hpc_history.py": Path(history_preload.__file__).read_text()}
 
 EventSink = Callable[[str, str, str], None]  # (type: Normal|Warning, reason, message)
 
@@ -122,17 +126,21 @@ class Runtime:
                        mine: Callable[[ObservedJob], bool]) -> list[str]:
         """Deletion's one mechanism: cancel every live job `mine` selects on these backends,
         under the owner's lock, and return the ids not yet finished (empty when done).
-        ENDING counts as unfinished: a job is gone only once its processes are."""
+        ENDING counts as unfinished: a job is gone only once its processes are.
+
+        Snapshots come from the shared poller within its minimum interval, not a fresh
+        query per deletion: deleting 50 clusters at once costs one squeue per period, not
+        100 (jobs submitted since the snapshot are in it already, recorded at submission)."""
         remaining: list[str] = []
         async with self.lock(uid):
             for kind in dict.fromkeys(kinds):
                 poller = self.poller(kind)
-                snapshot = await poller.refresh()
+                snapshot = await poller.get()
                 live = [j.job_id for j in snapshot.jobs.values() if mine(j) and j.state.live]
                 if live:
                     await poller.backend.cancel(live)
                     poller.record_cancelled(live)
-                    snapshot = await poller.refresh()
+                    snapshot = await poller.get()
                 remaining += [j.job_id for j in snapshot.jobs.values()
                               if mine(j) and not j.state.terminal]
         return remaining
@@ -157,7 +165,7 @@ class ClusterReconciler:
             protocols=model.protocols,
             site_prologue=self.runtime.site.prologue,
             death_timeout=self.runtime.site.worker_death_timeout,
-            scheduler_preloads=(str(staging / SCALING_PRELOAD_NAME),),
+            scheduler_preloads=tuple(str(staging / name) for name in SCHEDULER_PRELOADS),
         )
 
     def render_all(self, manifest: dict[str, Any]) -> list[JobRequest]:
@@ -278,7 +286,7 @@ class ClusterReconciler:
             if len(ctx.protocols) > 1:
                 Path(ctx.preload_path).write_text(LISTENERS_PRELOAD)
             for preload in ctx.scheduler_preloads:
-                Path(preload).write_text(SCALING_PRELOAD)
+                Path(preload).write_text(SCHEDULER_PRELOADS[Path(preload).name])
             await one(self._render_scheduler(model, ctx, identity))
         workers = [i for i in identities if i.role is Role.WORKER]
         await asyncio.gather(*(one(r) for r in self._worker_requests(model, ctx, workers,
@@ -352,8 +360,11 @@ class ClusterReconciler:
         remaining = await self.runtime.end_jobs(
             uid, [spec.get("backend") or self.runtime.site.backend, *self.runtime.pollers], mine)
         if not remaining and whole_cluster:
-            shutil.rmtree(self.runtime.staging_dir(namespace, meta["name"], uid),
-                          ignore_errors=True)
+            staging = self.runtime.staging_dir(namespace, meta["name"], uid)
+            # What the cluster computed outlives it (`dask-hpc history`): keep it first.
+            history.archive(staging / history.FILE_NAME, history.archive_path(
+                self.runtime.site.staging_dir, namespace, meta["name"], uid))
+            shutil.rmtree(staging, ignore_errors=True)
         return remaining
 
 

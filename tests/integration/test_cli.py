@@ -32,7 +32,9 @@ def processes_under(path: Path) -> list[str]:
 
 
 def run(args: list[str], config: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*DASK_HPC, *args, "--config", str(config)], cwd=REPO,
+    """`dask-hpc SUBCOMMAND --config CONFIG ...`: the config goes right after the
+    subcommand, never after a `--` where it would become the user command's argument."""
+    return subprocess.run([*DASK_HPC, args[0], "--config", str(config), *args[1:]], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,0 +1,425 @@
+"""What past clusters computed: find, read and keep the schedulers' `history.sqlite`.
+
+The scheduler's preload (hpc_bridge.preloads.history, whose docstring has the schema)
+writes the file in the cluster's staging directory while the cluster runs. Deleting the
+cluster removes that directory, so teardown first copies the file to
+`<staging>/history/<ns>/<name>-<uid8>.sqlite` (`archive`); `dask-hpc history` and
+`dask-hpc report` read both places, the live one winning while it exists.
+
+Reading never writes: files are opened read-only, so a reader cannot disturb a scheduler
+that is still writing, nor need write access to a colleague's staging directory. A run
+(one scheduler process) that has no end and has not flushed for STALE_AFTER_S was killed:
+its history stops at its last flush, and its unfinished computations are `interrupted`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from hpc_bridge.preloads.history import FILE_NAME as FILE_NAME  # re-exported
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ARCHIVE_DIR = "history"  # under the site's staging directory
+# A live scheduler flushes every second or so; one silent this long, with no end, is gone.
+STALE_AFTER_S = 15.0
+
+
+@dataclass(frozen=True)
+class HistoryFile:
+    """One cluster's history file: live in its staging directory, or archived."""
+
+    namespace: str
+    name: str
+    uid8: str
+    path: Path
+    archived: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}-{self.uid8}"
+
+
+@dataclass
+class Run:
+    """One scheduler process."""
+
+    id: int
+    start: float
+    end: float | None
+    last_seen: float
+    address: str | None
+    host: str | None
+    job_id: str | None
+    pid: int | None
+    state: str = "running"  # running | stopped | killed
+
+    @property
+    def until(self) -> float:
+        return self.end if self.end is not None else self.last_seen
+
+
+@dataclass
+class PrefixStats:
+    prefix: str
+    tasks: int
+    erred: int
+    compute_seconds: float
+    max_seconds: float
+    transfer_seconds: float
+    bytes_transferred: int
+    output_bytes: int
+
+
+@dataclass
+class Computation:
+    id: str
+    run: int
+    seq: int
+    start: float
+    end: float | None
+    state: str  # running | finished | erred | interrupted
+    tasks_submitted: int
+    tasks_done: int
+    tasks_erred: int
+    compute_seconds: float
+    transfer_seconds: float
+    bytes_transferred: int
+    output_bytes: int
+    worker_memory_peak: int
+    cluster_memory_peak: int
+    code: str | None
+    code_location: str | None
+    prefixes: list[PrefixStats] = field(default_factory=list)
+
+    @property
+    def duration(self) -> float:
+        return max(0.0, (self.end or self.start) - self.start)
+
+    @property
+    def label(self) -> str:
+        """The user's line of code when the client sent it, else the busiest prefixes."""
+        if self.code:
+            return self.code
+        top = sorted(self.prefixes, key=lambda p: (-p.compute_seconds, p.prefix))[:3]
+        return ", ".join(p.prefix for p in top) or "-"
+
+
+@dataclass
+class TaskError:
+    computation: str | None
+    time: float
+    key: str
+    prefix: str
+    worker: str | None
+    exception: str
+    traceback: str
+
+
+@dataclass
+class Worker:
+    run: int
+    address: str
+    name: str
+    host: str | None
+    nthreads: int
+    memory_limit: int
+    joined: float
+    left: float | None
+    memory_peak: int
+
+
+@dataclass
+class Event:
+    run: int
+    time: float
+    kind: str
+    subject: str | None
+    detail: str | None
+
+
+@dataclass
+class Sample:
+    run: int
+    time: float
+    workers: int
+    threads: int
+    processing: int
+    waiting: int
+    memory: int
+
+
+@dataclass
+class ClusterHistory:
+    file: HistoryFile
+    namespace: str
+    name: str
+    uid: str
+    runs: list[Run]
+    computations: list[Computation]
+    errors: list[TaskError]
+    workers: list[Worker]
+    events: list[Event]
+    samples: list[Sample]
+
+    @property
+    def start(self) -> float | None:
+        return min((r.start for r in self.runs), default=None)
+
+    @property
+    def end(self) -> float | None:
+        """None while a scheduler runs; else when the last one stopped (or was last seen)."""
+        if not self.runs or any(r.state == "running" for r in self.runs):
+            return None
+        return max(r.until for r in self.runs)
+
+    @property
+    def state(self) -> str:
+        return self.runs[-1].state if self.runs else "empty"
+
+    @property
+    def tasks(self) -> int:
+        return sum(c.tasks_done for c in self.computations)
+
+    @property
+    def erred(self) -> int:
+        return sum(c.tasks_erred for c in self.computations)
+
+    def prefix_totals(self) -> list[PrefixStats]:
+        """Every computation's prefixes added up, slowest (most compute time) first."""
+        totals: dict[str, PrefixStats] = {}
+        for c in self.computations:
+            for p in c.prefixes:
+                t = totals.setdefault(p.prefix, PrefixStats(p.prefix, 0, 0, 0.0, 0.0, 0.0, 0, 0))
+                t.tasks += p.tasks
+                t.erred += p.erred
+                t.compute_seconds += p.compute_seconds
+                t.max_seconds = max(t.max_seconds, p.max_seconds)
+                t.transfer_seconds += p.transfer_seconds
+                t.bytes_transferred += p.bytes_transferred
+                t.output_bytes += p.output_bytes
+        return sorted(totals.values(), key=lambda p: (-p.compute_seconds, p.prefix))
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["file"] = {"path": str(self.file.path), "archived": self.file.archived}
+        out.update(start=self.start, end=self.end, state=self.state, tasks=self.tasks,
+                   erred=self.erred)
+        return out
+
+
+# --- finding and keeping files -----------------------------------------------------------
+
+def archive_path(staging_dir: str | Path, namespace: str, name: str, uid: str) -> Path:
+    """Where a deleted cluster's history is kept (the staging directory's naming)."""
+    return Path(staging_dir) / ARCHIVE_DIR / namespace / f"{name}-{uid[:8]}.sqlite"
+
+
+def _split_leaf(leaf: str) -> tuple[str, str]:
+    name, _, uid8 = leaf.rpartition("-")
+    return (name, uid8) if name else (leaf, "")
+
+
+def find(staging_dir: str | Path, namespace: str | None = None) -> list[HistoryFile]:
+    """Every cluster's history under the site's staging directory: live ones
+    (`clusters/<ns>/<name>-<uid8>/history.sqlite`) and deleted ones (`history/<ns>/
+    <name>-<uid8>.sqlite`); a cluster found in both places is listed once, live."""
+    root = Path(staging_dir)
+    ns = namespace or "*"
+    found: dict[str, HistoryFile] = {}
+    for path in sorted(root.glob(f"{ARCHIVE_DIR}/{ns}/*.sqlite")):
+        name, uid8 = _split_leaf(path.stem)
+        f = HistoryFile(path.parent.name, name, uid8, path, archived=True)
+        found[f.key] = f
+    for path in sorted(root.glob(f"clusters/{ns}/*/{FILE_NAME}")):
+        name, uid8 = _split_leaf(path.parent.name)
+        f = HistoryFile(path.parent.parent.name, name, uid8, path, archived=False)
+        found[f.key] = f
+    return list(found.values())
+
+
+def archive(source: Path, target: Path) -> bool:
+    """Copy a history out of a staging directory that is about to be removed.
+
+    sqlite's backup API reads through the WAL (a killed scheduler leaves its last
+    transactions there), and the copy is switched to a rollback journal so it is one
+    self-contained file, readable on any host. The source is opened read-write, unlike
+    `load`: its scheduler is gone (teardown calls this once every job has ended), and a WAL
+    left by a killed one may need recovery, which needs write access. Never raises: losing
+    the history must not stop a deletion. Returns whether a copy was made."""
+    if not source.exists():
+        return False
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.closing(sqlite3.connect(source, timeout=10)) as src, \
+                contextlib.closing(sqlite3.connect(tmp)) as dst:
+            src.backup(dst)
+            dst.execute("PRAGMA journal_mode=DELETE")
+        tmp.replace(target)
+        return True
+    except (sqlite3.Error, OSError) as exc:
+        log.warning("could not keep the history %s in %s: %s", source, target, exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return False
+
+
+# --- reading ---------------------------------------------------------------------------
+
+def _connect_ro(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=10)
+
+
+def _rows(conn: sqlite3.Connection, sql: str) -> list[tuple[Any, ...]]:
+    try:
+        return conn.execute(sql).fetchall()
+    except sqlite3.OperationalError:  # a table a scheduler never got to create
+        return []
+
+
+def _records(conn: sqlite3.Connection, cls: type[T], table: str, order: str,
+             skip: tuple[str, ...] = ()) -> list[T]:
+    """Rows as `cls`, selecting its fields by name (columns added later are ignored)."""
+    names = [f.name for f in fields(cast(Any, cls)) if f.name not in skip]
+    columns = ", ".join(f'"{n}"' for n in names)
+    return [cls(*row) for row in _rows(conn, f"SELECT {columns} FROM {table} ORDER BY {order}")]
+
+
+def load(file: HistoryFile, now: float | None = None) -> ClusterHistory:
+    """Read one history (raises sqlite3.Error for a file that is not one)."""
+    now = time.time() if now is None else now
+    with contextlib.closing(_connect_ro(file.path)) as conn:
+        meta = dict(_rows(conn, "SELECT key, value FROM meta"))
+        runs = _records(conn, Run, "runs", "id", skip=("state",))
+        computations = _records(conn, Computation, "computations", "seq",
+                                skip=("prefixes",))
+        prefixes: dict[str, list[PrefixStats]] = {}
+        for computation, *rest in _rows(conn, "SELECT computation, " + ", ".join(
+                f.name for f in fields(PrefixStats)) + " FROM prefixes"):
+            prefixes.setdefault(computation, []).append(PrefixStats(*rest))
+        errors = _records(conn, TaskError, "errors", "id")
+        workers = _records(conn, Worker, "workers", "joined")
+        events = _records(conn, Event, "events", "id")
+        samples = _records(conn, Sample, "samples", "time")
+    for i, run in enumerate(runs):
+        # A later run means the earlier scheduler is gone, whatever its last flush says.
+        newer = i < len(runs) - 1
+        if run.end is not None:
+            run.state = "stopped"
+        elif newer or file.archived or now - run.last_seen > STALE_AFTER_S:
+            run.state = "killed"
+    live = {r.id for r in runs if r.state == "running"}
+    until = {r.id: r.until for r in runs}
+    for c in computations:
+        c.prefixes = sorted(prefixes.get(c.id, []), key=lambda p: (-p.compute_seconds,
+                                                                   p.prefix))
+        if c.state == "running" and c.run not in live:
+            c.state = "interrupted"
+            c.end = c.end or until.get(c.run)
+    for w in workers:
+        if w.left is None and w.run not in live:
+            w.left = until.get(w.run)
+    return ClusterHistory(file, meta.get("namespace", file.namespace),
+                          meta.get("name", file.name), meta.get("uid", file.uid8), runs,
+                          computations, errors, workers, events, samples)
+
+
+def select(files: Iterable[HistoryFile], cluster: str) -> tuple[HistoryFile, list[HistoryFile]]:
+    """The history of `cluster` (a name, or `name-uid8`): the newest when several clusters
+    had that name; also returns the others. LookupError when there is none."""
+    candidates = [f for f in files if cluster in (f.name, f"{f.name}-{f.uid8}")]
+    if not candidates:
+        raise LookupError(cluster)
+
+    def started(f: HistoryFile) -> float:
+        try:
+            return load(f).start or 0.0
+        except sqlite3.Error:
+            return 0.0
+    ordered = sorted(candidates, key=started, reverse=True)
+    return ordered[0], ordered[1:]
+
+
+# --- text output -------------------------------------------------------------------------
+
+def when(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 1:
+        return f"{s * 1000:.0f}ms"
+    if s < 60:
+        return f"{s:.1f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
+
+def size(n: int | None) -> str:
+    if not n:
+        return "0 B"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # not reached
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)).rstrip()
+             for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def cluster_state(h: ClusterHistory) -> str:
+    state = h.state
+    return f"{state}, deleted" if h.file.archived and state != "running" else state
+
+
+def format_clusters(histories: list[ClusterHistory]) -> str:
+    rows = [[h.namespace, h.name, h.file.uid8, cluster_state(h), when(h.start), when(h.end),
+             seconds(((h.end or time.time()) - h.start) if h.start else None),
+             str(len(h.computations)), str(h.tasks), str(h.erred)] for h in histories]
+    return table(["NAMESPACE", "NAME", "UID", "STATE", "START", "END", "DURATION",
+                  "COMPUTATIONS", "TASKS", "ERRED"], rows)
+
+
+def format_computations(h: ClusterHistory) -> str:
+    head = (f"DaskCluster {h.namespace}/{h.name} (uid {h.uid}): {cluster_state(h)}, "
+            f"{when(h.start)} - {when(h.end)}; {len(h.workers)} workers; "
+            f"history: {h.file.path}")
+    if not h.computations:
+        return head + "\nno computation recorded"
+    rows = [[str(c.seq), when(c.start), seconds(c.duration), c.state,
+             f"{c.tasks_done}/{c.tasks_submitted}", str(c.tasks_erred),
+             seconds(c.compute_seconds), size(c.bytes_transferred),
+             size(c.worker_memory_peak), c.label[:60]] for c in h.computations]
+    out = head + "\n" + table(["#", "START", "DURATION", "STATE", "TASKS", "ERRED",
+                               "TASK TIME", "TRANSFERRED", "WORKER MEM", "WHAT"], rows)
+    if h.errors:
+        first = h.errors[0]
+        out += (f"\n{len(h.errors)} error(s); first: {first.key} on {first.worker}: "
+                f"{first.exception}")
+    return out
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, indent=2, default=str)

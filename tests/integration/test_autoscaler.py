@@ -7,6 +7,7 @@ same code the kopf handlers call.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -79,10 +80,11 @@ async def made() -> AsyncIterator[list[Objects]]:
     for objects in sessions:
         for r in objects.resources:
             r.deleting = True
-        for _ in range(60):
+        for _ in range(60):  # paced as `dask-hpc up` paces its teardown
             await objects.session.step()
             if not objects.resources:
                 break
+            await asyncio.sleep(0.5)
         assert not any(live_slurm_jobs(uid) for uid in objects.uids)
 
 

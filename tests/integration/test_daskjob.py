@@ -6,6 +6,7 @@ reconcilers the kopf handlers call (the Kubernetes path is in tests/e2e).
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -78,10 +79,11 @@ async def runs() -> AsyncIterator[list[Run]]:
     for run in made:  # whatever a failed test left behind
         for r in list(run.session.resources):
             r.deleting = True
-        for _ in range(30):
+        for _ in range(30):  # paced as `dask-hpc up` paces its teardown
             await run.session.step()
             if not run.session.resources:
                 break
+            await asyncio.sleep(0.5)
 
 
 async def test_cluster_mode_runs_the_script_and_cleans_up(site: SiteConfig,

@@ -12,12 +12,16 @@ import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from . import crd_schema
 from .validation import matches
+
+if TYPE_CHECKING:
+    from .policy import NamespacePolicy
+    from .profiles import Profile
 
 BACKENDS = ("slurm", "pbs", "local")
 
@@ -64,9 +68,19 @@ class SiteConfig:
     # Seconds between orphan sweeps (jobs whose resource no longer exists are cancelled);
     # 0 = never. Only the operator sweeps, never `dask-hpc up`.
     sweep_interval: float = 300.0
+    # Seconds between two usage-accounting queries (sacct / qstat -x) for all clusters of a
+    # backend; finished jobs are asked once (hpc_bridge.accounting).
+    usage_interval: float = 60.0
     pbs_job_name_limit: int = 15
     pbs_arrays: bool = True
     pbs_max_array_size: int = 0
+    # Per-namespace policy (policy.py): namespace or "*" -> what its manifests may ask for
+    # and whose name its jobs run under. Empty: no policy, anything valid is accepted.
+    namespaces: dict[str, NamespacePolicy] = field(default_factory=dict, hash=False)
+    # Named profiles (profiles.py): name -> queue, account, env, prologue and
+    # extraDirectives for the scheduler, worker and job (runner) of a manifest whose
+    # spec.profile names it, where the manifest leaves them unset (lines and env are added).
+    profiles: dict[str, Profile] = field(default_factory=dict, hash=False)
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> SiteConfig:
@@ -81,6 +95,14 @@ class SiteConfig:
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise ConfigError(f"site config: {key} must be a list of strings")
                 value = tuple(value)
+            elif attr == "namespaces":
+                from .policy import parse_namespaces  # policy imports this module
+
+                value = parse_namespaces(value)
+            elif attr == "profiles":
+                from .profiles import parse_profiles  # its errors are this module's
+
+                value = parse_profiles(value)
             else:
                 _check_type(key, value, known[attr].default)
             kwargs[attr] = value

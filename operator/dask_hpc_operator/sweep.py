@@ -37,19 +37,25 @@ def orphans(jobs: Iterable[ObservedJob], live_uids: Collection[str],
 
 async def sweep(runtime: Runtime, list_uids: Callable[[], Awaitable[set[str]]],
                 namespaces: Collection[str] | None = None) -> list[str]:
-    """Cancel the orphans on every backend in use (the site default at least); returns the
-    ids cancelled. Cancellation goes through the same mechanism as a deletion."""
-    kinds = list(dict.fromkeys([runtime.site.backend, *runtime.pollers]))
-    snapshots = {kind: await runtime.poller(kind).refresh() for kind in kinds}
+    """Cancel the orphans on every backend in use (the site default at least) under every
+    submitting identity (the site's and each namespace policy's submitAs: an squeue as one
+    user lists only that user's jobs); returns the ids cancelled. Cancellation goes through
+    the same mechanism as a deletion, as the orphan's namespace's identity first."""
+    snapshots = [(kind, poller, await poller.refresh())
+                 for kind, poller in runtime.sweep_pollers()]
     live = await list_uids()
     cancelled: list[str] = []
-    for kind, snapshot in snapshots.items():
-        owners = {j.identity.owner_uid for j in orphans(snapshot.jobs.values(), live, namespaces)}
-        for uid in sorted(owners):
-            ids = [j.job_id for j in snapshot.jobs.values()
-                   if j.identity.owner_uid == uid and j.state.live]
+    for kind, poller, snapshot in snapshots:
+        found = orphans(snapshot.jobs.values(), live, namespaces)
+        for uid in sorted({j.identity.owner_uid for j in found}):
+            ids = [j.job_id for j in snapshot.jobs.values() if j.identity.owner_uid == uid
+                   and j.state.live and j.job_id not in cancelled]
+            if not ids:
+                continue  # another identity's listing had them (squeueAllUsers)
+            namespace = next(j.identity.namespace for j in found if j.identity.owner_uid == uid)
             log.warning("cancelling %s jobs of %s, which no longer exists: %s", kind,
                         uid, ", ".join(ids))
-            await runtime.end_jobs(uid, [kind], _owned_by(uid))
+            await runtime.end_jobs_on(uid, [runtime.poller(kind, namespace), poller],
+                                      _owned_by(uid))
             cancelled += ids
     return cancelled

@@ -27,13 +27,26 @@ PATTERN_HINTS = {
     crd_schema.SAFE_TOKEN: "use letters, digits, '.', '_', '+' or '-' only",
     crd_schema.DNS_LABEL: "use a DNS label: lower-case letters, digits and '-'",
     crd_schema.ENV_NAME: "use a shell variable name: letters, digits and '_'",
-    crd_schema.NO_CONTROL_CHARS: "remove newlines and other control characters",
+    crd_schema.NO_CONTROL_CHARS: ("remove newlines, other control characters and Unicode "
+                                  "line separators (U+0085, U+2028, U+2029)"),
     crd_schema.PROLOGUE_LINE: ("keep prologue lines to simple commands (no ; | & $ ` < > "
                                "quotes or newlines); set variables with `env` instead"),
-    crd_schema.DIRECTIVE: "write one directive like --constraint=haswell (no spaces or quotes)",
+    crd_schema.DIRECTIVE: ("write one directive: --name=value, --name value or one short "
+                           "option -x value (e.g. --constraint=haswell, -l storage=x/ab12); "
+                           "no quotes, no spaces inside the value, no value starting with '-'"),
     crd_schema.ARG_TOKEN: "give one argument per list item, without spaces or quotes",
     crd_schema.PATH: "use an absolute path without spaces or shell metacharacters",
 }
+# What to tell a person whose value matches a pattern it must not (`not: {pattern}`).
+REFUSED_HINTS = {
+    crd_schema.DENIED_DIRECTIVE: (
+        "the operator sets who a job runs as, where its output goes, its name, identity and "
+        "environment, and submits without waiting; directives that change these (--uid, "
+        "--gid, --get-user-env, --output/-o, --error/-e, --input/-i, --chdir/-D, --export, "
+        "--comment, --job-name/-J, --array/-a, --wrap, --wait/-W, PBS -u -v -V -S -I -W, "
+        "or any abbreviation of them) are refused: remove it"),
+}
+UID = r"^[A-Za-z0-9-]{1,64}$"  # what hpc_bridge.model.JobIdentity accepts as an owner uid
 MAX_MEMORY = 64 * 2**40  # 64 TiB: larger is a typo, not a node
 MAX_WALLTIME_S = 365 * 86_400
 
@@ -53,6 +66,14 @@ def _path(parts: Iterable[Any]) -> str:
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or "<root>"
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value as an error message quotes it: repr (newlines and escapes visible) and cut
+    short, so that a megabyte of hostile input does not become a megabyte of status message
+    and event."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def matches(pattern: str, value: str) -> bool:
@@ -102,6 +123,8 @@ def _validator(kind: str) -> jsonschema.protocols.Validator:
         schema = _strict(crd_schema.object_schema(kind))
         # status is the operator's to write; users' manifests may carry anything there.
         schema["properties"]["status"] = {"type": "object"}
+        # metadata's schema restricts only the name; labels, uid and the rest stay open.
+        schema["properties"]["metadata"].pop("additionalProperties", None)
         _VALIDATORS[kind] = _StrictValidator(schema)
     return _VALIDATORS[kind]
 
@@ -109,7 +132,7 @@ def _validator(kind: str) -> jsonschema.protocols.Validator:
 def _explain(error: jsonschema.ValidationError) -> ManifestError:
     field = _path(error.absolute_path)
     if error.validator == "pattern":
-        return ManifestError(field, f"{error.instance!r} is not allowed",
+        return ManifestError(field, f"{_shown(error.instance)} is not allowed",
                              PATTERN_HINTS.get(str(error.validator_value).removesuffix(r"\Z")
                                                + "$", "see the CRD"))
     if error.validator == "additionalProperties":
@@ -118,13 +141,14 @@ def _explain(error: jsonschema.ValidationError) -> ManifestError:
         return ManifestError(_path([*error.absolute_path, extra[0]]) if extra else field,
                              "unknown field", f"known fields here: {known}")
     if error.validator in ("minimum", "maximum"):
-        return ManifestError(field, f"{error.instance!r} is out of range",
+        return ManifestError(field, f"{_shown(error.instance)} is out of range",
                              f"{error.validator} is {error.validator_value}")
     if error.validator == "type":
-        return ManifestError(field, f"{error.instance!r} is not of type {error.validator_value}",
-                             f"write a {error.validator_value}")
+        return ManifestError(field, f"{_shown(error.instance)} is not of type "
+                             f"{error.validator_value}", f"write a {error.validator_value}")
     if error.validator == "enum":
-        return ManifestError(field, f"{error.instance!r} is not one of {error.validator_value}")
+        return ManifestError(field, f"{_shown(error.instance)} is not one of "
+                             f"{error.validator_value}")
     if error.validator == "required":
         present = error.instance if isinstance(error.instance, dict) else {}
         missing = [k for k in error.validator_value if k not in present]
@@ -132,7 +156,28 @@ def _explain(error: jsonschema.ValidationError) -> ManifestError:
                              "is required")
     if error.validator == "maxLength":
         return ManifestError(field, "is too long", f"at most {error.validator_value} characters")
-    return ManifestError(field, error.message)
+    if error.validator == "not":
+        refused = str(error.validator_value.get("pattern", "")).removesuffix(r"\Z") + "$"
+        return ManifestError(field, f"{_shown(error.instance)} is not allowed",
+                             REFUSED_HINTS.get(refused, "see the CRD"))
+    if error.validator in ("minItems", "maxItems", "minProperties", "maxProperties"):
+        return ManifestError(field, f"has {len(error.instance)} entries",
+                             f"{error.validator} is {error.validator_value}")
+    return ManifestError(field, error.message[:200])
+
+
+def check_fragment(schema: dict[str, Any], value: Any, where: str) -> None:
+    """Check part of a manifest written somewhere else (a site profile's `worker:`) against
+    the CRD's sub-schema for it, exactly as strictly as validate() checks a manifest, so
+    that what reaches a job script through the site configuration passes the same patterns.
+    The ManifestError names the field under `where`, e.g. profiles.gpu.worker.queue."""
+    errors = sorted(_StrictValidator(_strict(schema)).iter_errors(value),
+                    key=lambda e: (len(e.absolute_path), _path(e.absolute_path)), reverse=True)
+    if errors:
+        exc = _explain(errors[0])
+        field = where if exc.field == "<root>" else (
+            where + exc.field if exc.field.startswith("[") else f"{where}.{exc.field}")
+        raise ManifestError(field, exc.message, exc.fix)
 
 
 def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
@@ -152,22 +197,23 @@ def parse_memory(value: str, field: str) -> int:
     try:
         n = parse_bytes(value)
     except (ValueError, TypeError) as exc:
-        raise ManifestError(field, f"{value!r} is not a memory size",
+        raise ManifestError(field, f"{_shown(value)} is not a memory size",
                             PATTERN_HINTS[crd_schema.MEMORY]) from exc
     if not 0 < n <= MAX_MEMORY:
-        raise ManifestError(field, f"{value!r} is out of range", "between 1KiB and 64TiB")
+        raise ManifestError(field, f"{_shown(value)} is out of range", "between 1KiB and 64TiB")
     return int(n)
 
 
 def parse_walltime(value: str, field: str) -> int:
     m = re.match(r"^(?:(\d+)-)?(\d+):(\d\d):(\d\d)$", value)
     if not m:
-        raise ManifestError(field, f"{value!r} is not a walltime",
+        raise ManifestError(field, f"{_shown(value)} is not a walltime",
                             PATTERN_HINTS[crd_schema.WALLTIME])
     days, hours, minutes, seconds = (int(g or 0) for g in m.groups())
     total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
     if not 0 < total <= MAX_WALLTIME_S:
-        raise ManifestError(field, f"{value!r} is out of range", "between 00:00:01 and 365 days")
+        raise ManifestError(field, f"{_shown(value)} is out of range",
+                            "between 00:00:01 and 365 days")
     return total
 
 
@@ -213,9 +259,39 @@ def _check_allocation(worker: dict[str, Any], field: str) -> None:
                             "set processes: 1 and raise replicas instead")
 
 
+def _check_tls(spec: dict[str, Any], field: str, allocation: bool) -> None:
+    """TLS (tls.py) is all or nothing: a scheduler started with certificates requires
+    encryption on every connection, so it cannot also serve plain listeners, and every
+    process must get the cluster's credentials."""
+    scheduler = spec["scheduler"]
+    extra = scheduler.get("extraProtocols") or []
+    if scheduler["protocol"] != "tls":
+        if "tls" in extra:
+            raise ManifestError(f"{field}.scheduler.extraProtocols",
+                                "tls needs the cluster's certificates on every listener",
+                                "set scheduler.protocol: tls instead (and no other listener)")
+        return
+    if allocation:
+        raise ManifestError(f"{field}.scheduler.protocol", "TLS is not available in one MPI "
+                            "allocation (dask-mpi starts its scheduler and workers without "
+                            "certificates)", "use protocol: tcp, or mode: jobs for TLS")
+    plain = [p for p in extra if p != "tls"]
+    if plain:
+        raise ManifestError(f"{field}.scheduler.extraProtocols", f"{plain[0]} next to tls: "
+                            "a TLS scheduler refuses unencrypted connections",
+                            f"remove {plain[0]}, or use protocol: {plain[0]} without TLS")
+    cuda = spec["worker"].get("cuda") or {}
+    if cuda.get("enabled") and cuda.get("protocol"):
+        raise ManifestError(f"{field}.worker.cuda.protocol", "a TLS cluster's workers all "
+                            "connect over tls", "remove cuda.protocol (GPU workers then use "
+                            "tls), or use scheduler.protocol: tcp or ucx")
+
+
 def check_cluster_spec(spec: dict[str, Any], field: str = "spec",
                        allocation: bool = False) -> None:
-    if allocation or spec.get("mode") == "allocation":
+    allocation = allocation or spec.get("mode") == "allocation"
+    _check_tls(spec, field, allocation)
+    if allocation:
         _check_allocation(spec["worker"], f"{field}.worker")
     scheduler = spec["scheduler"]
     parse_memory(scheduler["memory"], f"{field}.scheduler.memory")
@@ -230,10 +306,10 @@ def validate(manifest: Manifest) -> Manifest:
         raise ManifestError("<root>", "a manifest must be a mapping")
     kind = manifest.get("kind")
     if kind not in crd_schema.ALL_KINDS:
-        raise ManifestError("kind", f"{kind!r} is not a dask-hpc kind",
+        raise ManifestError("kind", f"{_shown(kind)} is not a dask-hpc kind",
                             "one of " + ", ".join(crd_schema.ALL_KINDS))
     if manifest.get("apiVersion") != API_VERSION:
-        raise ManifestError("apiVersion", f"{manifest.get('apiVersion')!r} is not served",
+        raise ManifestError("apiVersion", f"{_shown(manifest.get('apiVersion'))} is not served",
                             f"use {API_VERSION}")
     metadata = manifest.get("metadata", {})
     if not isinstance(metadata, dict):
@@ -242,8 +318,14 @@ def validate(manifest: Manifest) -> Manifest:
         value = metadata.get(key, default)
         if not isinstance(value, str) or len(value) > 63 \
                 or not matches(crd_schema.DNS_LABEL, value):
-            raise ManifestError(f"metadata.{key}", f"{value!r} is not a valid {key}",
+            raise ManifestError(f"metadata.{key}", f"{_shown(value)} is not a valid {key}",
                                 PATTERN_HINTS[crd_schema.DNS_LABEL] + ", at most 63 characters")
+    # The API server assigns uids; `dask-hpc render` takes one from the file. It becomes a
+    # path component and part of every job's identity comment.
+    if "uid" in metadata and not (isinstance(metadata["uid"], str)
+                                  and matches(UID, metadata["uid"])):
+        raise ManifestError("metadata.uid", f"{_shown(metadata['uid'])} is not a uid",
+                            "leave metadata.uid out: the API server (or `dask-hpc up`) sets it")
     errors = sorted(_validator(kind).iter_errors(manifest),
                     key=lambda e: (len(e.absolute_path), _path(e.absolute_path)), reverse=True)
     if errors:

@@ -54,7 +54,8 @@ def test_defaults_are_applied() -> None:
     assert w["walltime"] == "01:00:00"
     assert w["gpus"] == 0
     s = valid["spec"]["scheduler"]
-    assert s == {"cores": 1, "memory": "2GiB", "walltime": "01:00:00", "protocol": "tcp"}
+    assert s == {"cores": 1, "memory": "2GiB", "walltime": "01:00:00", "protocol": "tcp",
+                 "onFailure": "Fail", "maxRestarts": 3}
     assert valid["spec"]["idleTimeout"] == 0
     assert "backend" not in valid["spec"]  # the operator's default applies
 

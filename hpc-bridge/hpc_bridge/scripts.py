@@ -26,7 +26,15 @@ from dask_jobqueue.slurm import SLURMJob
 
 from .backends.pbs import array_directive, pbs_job_name
 from .lifetime import Lifetime, worker_lifetime
-from .model import JobIdentity, JobRequest, JobTemplate, Role, RunnerCommand, compress_ranges
+from .model import (
+    JobIdentity,
+    JobRequest,
+    JobTemplate,
+    Role,
+    RunnerCommand,
+    TLSFiles,
+    compress_ranges,
+)
 
 JOB_CLASSES: dict[str, type[Job]] = {"slurm": SLURMJob, "pbs": PBSJob, "local": LocalJob}
 
@@ -76,6 +84,8 @@ class RenderContext:
     death_timeout: int = 900
     # Preloaded by the scheduler (e.g. the per-group scaling handler), by path.
     scheduler_preloads: tuple[str, ...] = ()
+    # The cluster's credentials (`protocol: tls`); None for a cluster without TLS.
+    tls: TLSFiles | None = None
 
     @property
     def protocol(self) -> str:
@@ -223,6 +233,12 @@ def _job(ctx: RenderContext, identity: JobIdentity, template: JobTemplate,
     return cls(**kwargs)
 
 
+def _tls_args(ctx: RenderContext) -> list[str]:
+    """The worker's TLS options, quoted here: dask-jobqueue's own `security=` would add
+    the same options but joins them into the command unquoted."""
+    return [shlex.quote(a) for a in ctx.tls.cli_args()] if ctx.tls else []
+
+
 def _user_sets(args: tuple[str, ...], option: str) -> bool:
     return any(a == option or a.startswith(option + "=") for a in args)
 
@@ -263,7 +279,7 @@ def render_worker(ctx: RenderContext, identity: JobIdentity, template: JobTempla
     lifetime = _walltime_lifetime(template)
     if lifetime is not None and template.cuda:
         template = replace(template, env=(*template.env, *lifetime.worker_env()))
-    job = _job(ctx, identity, template, worker_command_args(template), array)
+    job = _job(ctx, identity, template, worker_command_args(template) + _tls_args(ctx), array)
     return JobRequest(identity=identity, script=job.job_script(), log_dir=ctx.log_dir,
                       array=tuple(array))
 
@@ -280,6 +296,8 @@ def scheduler_command(ctx: RenderContext) -> str:
         parts += ["--protocol", ",".join(ctx.protocols), "--preload", ctx.preload_path]
     elif ctx.protocol != "tcp":
         parts += ["--protocol", ctx.protocol]
+    if ctx.tls:
+        parts += ctx.tls.cli_args()
     for preload in ctx.scheduler_preloads:
         parts += ["--preload", preload]
     return " ".join(shlex.quote(p) for p in parts)
@@ -297,12 +315,17 @@ def render_scheduler(ctx: RenderContext, identity: JobIdentity,
     return JobRequest(identity=identity, script=job.job_script(), log_dir=ctx.log_dir)
 
 
-def runner_command(command: RunnerCommand, scheduler_address: str) -> str:
+def runner_command(command: RunnerCommand, scheduler_address: str,
+                   tls: TLSFiles | None = None) -> str:
     """The shell lines of a DaskJob's runner: the user's argv (each element quoted), its
     output appended to one file, and its exit status written next to it atomically, so
-    the operator knows the outcome even where the batch system keeps no exit codes."""
+    the operator knows the outcome even where the batch system keeps no exit codes. With
+    `tls`, the cluster's credentials reach the command as dask configuration (environment),
+    so its `Client()` connects over TLS unchanged."""
     q = shlex.quote
     lines = [f"export DASK_SCHEDULER_ADDRESS={q(scheduler_address)}"]
+    if tls:
+        lines += [f"export {name}={q(value)}" for name, value in tls.client_env().items()]
     if command.working_dir:
         lines.append(f"cd {q(command.working_dir)} || exit 1")
     lines += [
@@ -320,7 +343,7 @@ def render_runner(ctx: RenderContext, identity: JobIdentity, template: JobTempla
     """A DaskJob's runner job: dask-jobqueue's header for the runner's own resources, the
     user's command as the body (like the scheduler's job, the worker command is replaced)."""
     job = _job(ctx, identity, template, [])
-    job._command_template = runner_command(command, scheduler_address)
+    job._command_template = runner_command(command, scheduler_address, ctx.tls)
     return JobRequest(identity=identity, script=job.job_script(), log_dir=ctx.log_dir)
 
 

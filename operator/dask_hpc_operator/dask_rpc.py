@@ -1,7 +1,9 @@
 """Talking to a cluster's Dask scheduler: its scheduler file and its RPC.
 
 Only the scheduler's own RPC handlers are used (identity, retire_workers), not the optional
-HTTP routes, which sites often leave disabled.
+HTTP routes, which sites often leave disabled. A cluster with `protocol: tls` is spoken to
+with its own credentials (`security`, from tls.security_for): its scheduler refuses anyone
+else, the operator included.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from distributed.core import rpc
+from distributed.security import Security
 
 from hpc_bridge.scripts import RenderContext
 
 from .planning import DaskView, WorkerView
+from .tls import connection_args
 
 log = logging.getLogger(__name__)
 RPC_TIMEOUT_S = 5.0
@@ -55,11 +59,13 @@ def group_query(namespace: str, cluster: str, name: str,
             "resources": dict(resources)}
 
 
-async def scaling_advice(address: str, groups: list[dict[str, Any]]) -> dict[str, Any] | None:
+async def scaling_advice(address: str, groups: list[dict[str, Any]],
+                         security: Security | None = None) -> dict[str, Any] | None:
     """The scheduler's per-group advice (hpc_bridge.preloads.scaling), or None when it
     cannot be had (no scheduler, or one started without the preload)."""
     try:
-        async with rpc(address, timeout=RPC_TIMEOUT_S) as scheduler:
+        async with rpc(address, timeout=RPC_TIMEOUT_S,
+                       connection_args=connection_args(security)) as scheduler:
             answer = await asyncio.wait_for(scheduler.dask_hpc_scaling(groups=groups),
                                             RPC_TIMEOUT_S)
     except Exception as exc:
@@ -70,8 +76,8 @@ async def scaling_advice(address: str, groups: list[dict[str, Any]]) -> dict[str
     return answer if isinstance(answer, dict) else None
 
 
-async def observe(scheduler_file: str,
-                  groups: list[dict[str, Any]] | None = None) -> DaskView | None:
+async def observe(scheduler_file: str, groups: list[dict[str, Any]] | None = None,
+                  security: Security | None = None) -> DaskView | None:
     """The scheduler's view, or None if it has not started or does not answer. With
     `groups`, also the order in which the scheduler would close their workers and since
     when it has been idle (from the scaling handler; absent on older schedulers)."""
@@ -79,15 +85,19 @@ async def observe(scheduler_file: str,
     if info is None:
         return None
     address = info["address"]
+    if security is None and address.startswith("tls://"):
+        log.warning("scheduler %s uses TLS, and no credentials were given for it", address)
+        return None
     try:
-        async with rpc(address, timeout=RPC_TIMEOUT_S) as scheduler:
+        async with rpc(address, timeout=RPC_TIMEOUT_S,
+                       connection_args=connection_args(security)) as scheduler:
             ident = await asyncio.wait_for(scheduler.identity(), RPC_TIMEOUT_S)
     except (OSError, asyncio.TimeoutError) as exc:
         log.info("scheduler %s does not answer: %s", address, exc)
         return None
     workers = tuple(_worker_view(w, addr) for addr, w in (ident.get("workers") or {}).items())
     view = DaskView(address=address, dashboard_url=dashboard_url(info), workers=workers)
-    advice = await scaling_advice(address, groups) if groups else None
+    advice = await scaling_advice(address, groups, security) if groups else None
     if advice is None:
         return view
     order = tuple(str(n) for g in (advice.get("groups") or {}).values()
@@ -98,13 +108,15 @@ async def observe(scheduler_file: str,
                    clock=float(advice.get("time") or 0.0))
 
 
-async def retire(address: str, worker_names: list[str]) -> set[str]:
+async def retire(address: str, worker_names: list[str],
+                 security: Security | None = None) -> set[str]:
     """Retire workers so their data moves first; returns the names actually retired.
 
     The scheduler leaves out any worker holding keys it could not copy elsewhere; those
     must not be cancelled.
     """
-    async with rpc(address, timeout=RPC_TIMEOUT_S) as scheduler:
+    async with rpc(address, timeout=RPC_TIMEOUT_S,
+                   connection_args=connection_args(security)) as scheduler:
         retired = await asyncio.wait_for(
             scheduler.retire_workers(names=worker_names, close_workers=True, remove=True),
             RETIRE_TIMEOUT_S)

@@ -37,8 +37,9 @@ from typing import Any, Literal
 from distributed.core import Status, rpc
 from distributed.deploy.cluster import Cluster
 from distributed.objects import SchedulerInfo
+from distributed.security import Security
 
-from . import crd_schema
+from . import crd_schema, tls
 from .constants import (
     API_VERSION,
     DEFAULT_GROUP_NAME,
@@ -318,6 +319,9 @@ class HPCCluster(Cluster):
                  loop: Any = None, quiet: bool = False, _attach: bool = False,
                  **worker_options: Any) -> None:
         self.namespace = namespace
+        # A TLS cluster's client credentials, once known (`Client(cluster)` and
+        # `get_client()` read this attribute, as they do of Dask's own clusters).
+        self.security: Security | None = None
         if _attach:
             if name is None or not matches(crd_schema.DNS_LABEL, name):
                 raise ManifestError("metadata.name", f"{name!r} is not a valid name",
@@ -463,7 +467,8 @@ class HPCCluster(Cluster):
             self.uid = str(found["metadata"].get("uid") or "")
             self._exit.delete = self.shutdown_on_close
             status = await self._wait_for_scheduler()
-            self.scheduler_comm = rpc(status["schedulerAddress"])
+            self.security = await self._credentials(status)
+            self.scheduler_comm = self._rpc(status["schedulerAddress"])
             await self._connected()
             if self._manifest is None:
                 for scaler in await self._store.list_objects(KIND_AUTOSCALER, self.namespace):
@@ -523,6 +528,31 @@ class HPCCluster(Cluster):
                                           f"({self._progress(status)})")
             await asyncio.sleep(STATUS_PERIOD_S)
 
+    def _rpc(self, address: str) -> rpc:
+        return rpc(address, connection_args=tls.connection_args(self.security))
+
+    async def _credentials(self, status: dict[str, Any]) -> Security | None:
+        """A TLS cluster's credentials: its files where this process can read them (the
+        shared filesystem, as the operator's user), else its Secret through the API."""
+        tls_status = status.get("tls") or {}
+        files = tls.files_of_status(tls_status)
+        if files is None:
+            return None
+        paths = (files.ca_file, files.cert_file, files.key_file)
+        if all(os.access(p, os.R_OK) for p in paths):
+            return tls.client_security(files)
+        read_secret = getattr(self._store, "read_secret", None)
+        secret = tls_status.get("secretName")
+        if read_secret is not None and secret:
+            data = await read_secret(self.namespace, str(secret))
+            return tls.memory_security(tls.credentials_of_secret(data))
+        raise HPCClusterError(
+            f"DaskCluster {self.namespace}/{self.name} uses TLS, but its credentials in "
+            f"{os.path.dirname(files.ca_file)} are not readable here"
+            + ("" if read_secret is None else " and its Secret is not published yet")
+            + ": run where the operator's files are readable, or grant read on the Secret "
+            f"{tls.secret_name(self.name)}")
+
     async def _connected(self) -> None:
         """What `Cluster._start` does, except subscribing to the scheduler's worker-status
         stream: that stream has ONE subscriber per scheduler (its plugin has a fixed name),
@@ -551,7 +581,7 @@ class HPCCluster(Cluster):
                     and address != self.scheduler_comm.address:
                 with contextlib.suppress(Exception):
                     await self.scheduler_comm.close_rpc()
-                self.scheduler_comm = rpc(address)
+                self.scheduler_comm = self._rpc(address)
             try:
                 assert self.scheduler_comm is not None
                 self.scheduler_info = SchedulerInfo(await asyncio.wait_for(

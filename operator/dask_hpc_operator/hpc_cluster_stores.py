@@ -449,6 +449,17 @@ class KubernetesStore:
     def problem(self) -> str:
         return ""
 
+    async def read_secret(self, namespace: str, name: str) -> dict[str, str]:
+        """A Secret's `data` (a TLS cluster's credentials, for a client that cannot read
+        the operator's files)."""
+        core = kubernetes.client.CoreV1Api(self.api.api_client)
+        try:
+            found = await self._in_thread(core.read_namespaced_secret, name, namespace)
+        except ApiException as exc:
+            raise self._fail(f"reading Secret {namespace}/{name}", exc) from exc
+        return {str(k): v if isinstance(v, str) else v.decode()
+                for k, v in (found.data or {}).items()}
+
     async def close(self) -> list[str]:
         await asyncio.to_thread(self.api.api_client.close)
         return []

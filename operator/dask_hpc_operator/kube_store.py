@@ -1,4 +1,5 @@
-"""DaskCluster objects through the Kubernetes API, for DaskJobs under the operator.
+"""DaskCluster objects through the Kubernetes API, for DaskJobs under the operator, and the
+Secret holding a TLS cluster's credentials (tls.py).
 
 kopf has no public client for creating other objects, so this uses the official
 `kubernetes` client (its blocking calls run in a thread so the operator's loop never waits
@@ -14,6 +15,7 @@ from typing import Any
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
+from . import tls
 from .constants import GROUP, KIND_CLUSTER, KIND_JOB, KIND_WORKER_GROUP, VERSION, plural
 from .site_config import ConfigError
 
@@ -21,6 +23,8 @@ from .site_config import ConfigError
 class KubeClusterStore:
     def __init__(self, api: kubernetes.client.CustomObjectsApi) -> None:
         self.api = api
+        # Core objects (the Secret of a TLS cluster) through the same connection.
+        self.core = kubernetes.client.CoreV1Api(api.api_client)
         self.args = (GROUP, VERSION)
         self.plural = plural(KIND_CLUSTER)
 
@@ -82,6 +86,35 @@ class KubeClusterStore:
         try:
             await asyncio.to_thread(self.api.delete_namespaced_custom_object, *self.args,
                                     namespace, self.plural, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    async def put_secret(self, secret: dict[str, Any]) -> None:
+        """Create a TLS cluster's Secret, or bring an existing one (an earlier, interrupted
+        reconcile's) to this content. A Secret of that name that is not this operator's
+        for this cluster is left alone, and the error says so (tls.secret_update)."""
+        namespace, name = secret["metadata"]["namespace"], secret["metadata"]["name"]
+        body: Any = secret  # the client takes a plain dict for any model
+        try:
+            await asyncio.to_thread(self.core.create_namespaced_secret, namespace, body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            patch: Any = tls.secret_update(secret)  # a list: sent as a JSON patch
+            try:
+                await asyncio.to_thread(self.core.patch_namespaced_secret, name, namespace,
+                                        patch)
+            except ApiException as exc2:
+                if exc2.status != 422:
+                    raise
+                raise tls.TLSError(f"Secret {namespace}/{name} exists and is not this "
+                                  "operator's: delete or rename it, and the cluster's "
+                                  "credentials will be published there") from exc2
+
+    async def delete_secret(self, namespace: str, name: str) -> None:
+        try:
+            await asyncio.to_thread(self.core.delete_namespaced_secret, name, namespace)
         except ApiException as exc:
             if exc.status != 404:
                 raise

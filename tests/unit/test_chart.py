@@ -83,15 +83,27 @@ API_VERBS = {"get_namespaced_custom_object": "get", "create_namespaced_custom_ob
              "delete_namespaced_custom_object": "delete",
              "patch_namespaced_custom_object": "patch",
              "list_namespaced_custom_object": "list", "list_cluster_custom_object": "list"}
+# The CoreV1Api methods kube_store calls (`self.core.<method>`): (resource, verb).
+CORE_VERBS = {"create_namespaced_secret": ("secrets", "create"),
+              "patch_namespaced_secret": ("secrets", "patch"),
+              "delete_namespaced_secret": ("secrets", "delete")}
 
 
 def kube_store_needs() -> list[tuple[str, str, str]]:
     """Every `self.api.<method>(...)` in kube_store.py: a call naming `self.plural` touches
     DaskClusters, one naming `plural(kind)` may touch any kind. A method not in API_VERBS
-    fails the test: add its verb (and the chart rule)."""
+    fails the test: add its verb (and the chart rule). Every `self.core.<method>` (core
+    objects: a TLS cluster's Secret) likewise, with CORE_VERBS."""
     tree = ast.parse(Path(kube_store.__file__).read_text())
     needs = []
+    core_calls = []
     for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "core"):
+            assert node.attr in CORE_VERBS, f"kube_store calls {node.attr}: which verb is that?"
+            core_calls.append(node.attr)
+            needs.append(("", *CORE_VERBS[node.attr]))
+            continue
         if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
                 and node.value.attr == "api"):
             continue
@@ -102,7 +114,9 @@ def kube_store_needs() -> list[tuple[str, str, str]]:
                                for a in call.args)
         plurals = [plural(KIND_CLUSTER)] if names_own_plural else PLURALS
         needs += [(GROUP, p, API_VERBS[node.attr]) for p in plurals]
-    assert {v for _, _, v in needs} == set(API_VERBS.values()), "kube_store parse went wrong"
+    assert {v for g, _, v in needs if g == GROUP} == set(API_VERBS.values()), \
+        "kube_store parse went wrong"
+    assert sorted(set(core_calls)) == sorted(CORE_VERBS), "kube_store parse went wrong"
     return needs
 
 
@@ -133,13 +147,17 @@ def test_rbac_grants_what_the_operator_does(scope: str, kind: str) -> None:
 
 
 def test_rbac_asks_for_nothing_it_does_not_use() -> None:
-    """Minimum RBAC (DESIGN.md §6): no wildcards, no Secrets, Pods or other kinds."""
+    """Minimum RBAC (DESIGN.md §6): no wildcards, no Pods or other kinds; Secrets only
+    written (a TLS cluster's), never read, listed or watched."""
     role = by_kind(documents("rbac.yaml"), "ClusterRole")
     for rule in role["rules"]:
         assert "*" not in rule["apiGroups"] + rule["resources"] + rule["verbs"], rule
         assert set(rule["apiGroups"]) <= {GROUP, "", "events.k8s.io", "apiextensions.k8s.io"}
         if "" in rule["apiGroups"]:
-            assert rule["resources"] == ["events"], rule
+            assert rule["resources"] in (["events"], ["secrets"]), rule
+        if "secrets" in rule["resources"]:
+            assert rule["apiGroups"] == [""], rule
+            assert set(rule["verbs"]) <= {v for _, v in CORE_VERBS.values()}, rule
 
 
 # -- site configuration -------------------------------------------------------------------

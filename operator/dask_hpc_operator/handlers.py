@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import kopf
 
+from hpc_bridge.poller import BatchSystemUnavailable
+
+from . import tls
 from .autoscaler_reconcile import AutoscalerReconciler, ObjectStore
 from .constants import (
     FINALIZER,
@@ -49,6 +52,7 @@ def _register(registry: kopf.OperatorRegistry, resource: tuple[str, str, str],
               metrics: OperatorMetrics | None = None) -> None:
     """Every cause calls the same reconcile; deletion has its own handler (and finalizer).
     With `metrics`, the kind's phase is watched and its handlers' errors counted."""
+    delete = _retry_when_unreachable(delete, interval)
     if metrics is not None:
         reconcile, delete = metrics.instrument(registry, resource, reconcile, delete)
     for cause, decorator in (("create", kopf.on.create), ("update", kopf.on.update),
@@ -59,9 +63,29 @@ def _register(registry: kopf.OperatorRegistry, resource: tuple[str, str, str],
     kopf.on.delete(*resource, registry=registry, id="teardown", optional=not cleanup)(delete)
 
 
+def _retry_when_unreachable(delete: Any, delay: float) -> Any:
+    """A deletion during a batch-system outage is retried at the poll interval, with a
+    message saying why, instead of kopf's minute-long default for an unexpected error."""
+    async def run(**kwargs: Any) -> Any:
+        try:
+            return await delete(**kwargs)
+        except BatchSystemUnavailable as exc:
+            raise kopf.TemporaryError(f"batch system unreachable, deletion waits: {exc}",
+                                      delay=delay) from exc
+    return run
+
+
 def _wait_for(remaining: list[str]) -> None:
     if remaining:
         raise kopf.TemporaryError(f"waiting for jobs {', '.join(remaining)} to end", delay=2)
+
+
+def _groups_of(kwargs: dict[str, Any], body: kopf.Body, cluster: Any) -> list[dict[str, Any]]:
+    """The DaskWorkerGroups of DaskCluster `cluster` in the body's namespace, from the
+    groups_by_cluster index."""
+    index: kopf.Index[tuple[str, str], dict[str, Any]] | None = kwargs.get("groups_by_cluster")
+    key = (str(body.metadata.get("namespace") or "default"), str(cluster))
+    return list(index.get(key, [])) if index is not None else []
 
 
 def _manifest(body: kopf.Body) -> dict[str, Any]:
@@ -86,12 +110,35 @@ def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = No
     interval = timer_interval or runtime.site.poll_interval
     resource = (GROUP, VERSION, plural(KIND_CLUSTER))
 
-    async def reconcile_cluster(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    put_secret = getattr(store, "put_secret", None)
+    delete_secret = getattr(store, "delete_secret", None)
+
+    async def publish_tls(manifest: dict[str, Any], status: dict[str, Any], body: kopf.Body,
+                          patch: kopf.Patch) -> None:
+        """A TLS cluster's credentials as a Secret, for clients away from the shared
+        filesystem; once: status.tls.secretName says it exists. A failure (RBAC) is an
+        event and a retry at the next reconcile, never a failed reconcile."""
+        files = tls.files_of_status(status.get("tls") or {})
+        if files is None or put_secret is None or (body.status.get("tls") or {}).get(
+                "secretName"):
+            return
+        try:
+            await put_secret(tls.secret_manifest(manifest, tls.load_credentials(files)))
+        except Exception as exc:
+            _event_sink(body)("Warning", "SecretFailed", f"TLS Secret not written: {exc}")
+            return
+        patch.status["tls"] = {**status["tls"],
+                               "secretName": tls.secret_name(manifest["metadata"]["name"])}
+
+    async def reconcile_cluster(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
         if body.metadata.get("deletionTimestamp"):
             return  # deletion is the delete handler's; never resubmit while it runs
         manifest = _manifest(body)
-        status = await reconciler.reconcile(manifest, dict(body.status), _event_sink(body))
+        groups_of_it = _groups_of(kwargs, body, body.metadata.get("name"))
+        status = await reconciler.reconcile(manifest, dict(body.status), _event_sink(body),
+                                            groups=groups_of_it)
         patch.status.update(status)
+        await publish_tls(manifest, status, body, patch)
         if status.get("idleExpired") and store is not None:
             await store.delete(str(body.metadata.get("namespace") or "default"),
                                str(body.metadata.get("name")))
@@ -102,6 +149,12 @@ def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = No
         # real API server the groups themselves are garbage-collected through the owner
         # references set below.)
         _wait_for(await reconciler.teardown(manifest, whole_cluster=True))
+        if delete_secret is not None and (body.status.get("tls") or {}).get("secretName"):
+            # The API server's garbage collector would too (the Secret is owned by the
+            # cluster); the key should not outlive the cluster by a collector's delay.
+            # By its own name, never the one in status (status is not the operator's alone).
+            await delete_secret(manifest["metadata"].get("namespace") or "default",
+                                tls.secret_name(manifest["metadata"]["name"]))
 
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.finalizer = FINALIZER
@@ -118,6 +171,12 @@ def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = No
                                     "kind": body.get("kind"), "metadata": dict(body.metadata),
                                     "spec": dict(body.spec), "status": dict(body.status)}}
 
+    def groups_by_cluster(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+        """A namespace's DaskWorkerGroups by the cluster they name: the site policy's
+        totals (maxWorkers, maxCores, maxGpus) count a whole cluster."""
+        key = (body.metadata.get("namespace") or "default", str(body.spec.get("cluster")))
+        return {key: _manifest(body)}
+
     async def reconcile_group(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
         if body.metadata.get("deletionTimestamp"):
             return
@@ -126,7 +185,9 @@ def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = No
         cluster: dict[str, Any] | None = next(iter(index.get(key, [])), None)
         manifest = _manifest(body)
         status = await groups.reconcile_group(manifest, dict(body.status), cluster,
-                                              _event_sink(body))
+                                              _event_sink(body),
+                                              groups=_groups_of(kwargs, body,
+                                                                body.spec.get("cluster")))
         patch.status.update(status)
         if cluster is not None and not body.metadata.get("ownerReferences"):
             meta = cluster["metadata"]
@@ -155,16 +216,18 @@ def build_registry(runtime: Runtime, registry: kopf.OperatorRegistry | None = No
 
     autoscalers = AutoscalerReconciler(runtime)
 
-    async def reconcile_autoscaler(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    async def reconcile_autoscaler(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
         if body.metadata.get("deletionTimestamp") or store is None:
             return
-        patch.status.update(await autoscalers.reconcile(_manifest(body), dict(body.status),
-                                                        store, _event_sink(body)))
+        patch.status.update(await autoscalers.reconcile(
+            _manifest(body), dict(body.status), store, _event_sink(body),
+            groups=_groups_of(kwargs, body, body.spec.get("cluster"))))
 
     async def forget_autoscaler(**_: Any) -> None:
         pass  # the target keeps its replicas; nothing of the autoscaler's own runs
 
     kopf.index(*resource, registry=registry, id="clusters_by_name")(clusters_by_name)
+    kopf.index(*group_resource, registry=registry, id="groups_by_cluster")(groups_by_cluster)
     _register(registry, (GROUP, VERSION, plural(KIND_AUTOSCALER)), interval,
               reconcile_autoscaler, forget_autoscaler, cleanup=False, metrics=metrics)
     _register(registry, job_resource, interval, reconcile_job, delete_job, metrics=metrics)

@@ -12,13 +12,14 @@ failing may submit again (FailurePolicy).
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hpc_bridge.lifetime import worker_lifetime
 from hpc_bridge.model import JobIdentity, JobState, ObservedJob, Role
 
+from .crd_schema import DEFAULT_MAX_RESTARTS, ON_FAILURE
 from .model import ClusterModel, GroupModel
 from .site_config import SiteConfig
 
@@ -54,6 +55,34 @@ class FailurePolicy:
 
 
 DEFAULT_FAILURE_POLICY = FailurePolicy()
+
+
+@dataclass(frozen=True)
+class SchedulerRecovery:
+    """What a cluster does when its scheduler job ends (`spec.scheduler.onFailure`,
+    `maxRestarts`). Either way the workers go: they were the dead scheduler's, and their
+    data went with it. Fail (the default, as before the field existed) leaves the cluster
+    Failed for the user to look at; Restart submits a new scheduler and new workers.
+
+    Restarts are counted without memory of our own: scheduler jobs are numbered (their
+    index, in every job's comment), the first is 0 and each restart takes the next, so the
+    newest scheduler job tells how many restarts came before it — even after the batch
+    system has forgotten its predecessors (SLURM's MinJobAge). When it has forgotten them
+    all, `status.schedulerRestarts` (written from the same number) is the record.
+    """
+
+    restart: bool = False
+    max_restarts: int = DEFAULT_MAX_RESTARTS
+
+    @classmethod
+    def of(cls, spec: Mapping[str, Any]) -> SchedulerRecovery:
+        """From a validated (defaulted) DaskCluster spec."""
+        scheduler = spec.get("scheduler") or {}
+        return cls(scheduler.get("onFailure", ON_FAILURE[0]) == "Restart",
+                   int(scheduler.get("maxRestarts", DEFAULT_MAX_RESTARTS)))
+
+
+FAIL_ON_SCHEDULER_LOSS = SchedulerRecovery()
 
 
 @dataclass(frozen=True)
@@ -135,6 +164,12 @@ class Plan:
     # Running jobs near their walltime, already replaced: not counted in status.
     expiring: set[str] = field(default_factory=set)
     failures: list[FailureStreak] = field(default_factory=list)  # groups failing in a row
+    # The scheduler's incarnation: 0 for the first scheduler job, k after k restarts
+    # (status.schedulerRestarts).
+    restarts: int = 0
+    lost: str = ""  # the scheduler job that ended, when this plan restarts the scheduler
+    max_restarts: int = 0  # the limit `lost` is counted against
+    advice: str = ""  # with `failed`: what the user can do about it
 
     @property
     def empty(self) -> bool:
@@ -157,6 +192,17 @@ def _group_jobs(jobs: Sequence[ObservedJob], group: GroupModel) -> list[Observed
             and j.identity.group == group.name and j.identity.owner_uid == group.owner_uid]
 
 
+def scheduler_incarnation(jobs: Sequence[ObservedJob], recorded: int = 0) -> int:
+    """How many times the scheduler has been restarted (SchedulerRecovery): the index of
+    the live scheduler job, or with none live the highest index seen or `recorded` (the
+    last status.schedulerRestarts) — a count the batch system cannot make us forget."""
+    sched = _scheduler_jobs(jobs)
+    live = [j.identity.index for j in sched if j.state.live]
+    if live:
+        return min(live)  # the one kept (a second is a lost race, cancelled below)
+    return max([j.identity.index for j in sched] + [recorded])
+
+
 def scheduler_failure(jobs: Sequence[ObservedJob], known_scheduler_job: str | None) -> str:
     """Non-empty when the scheduler this cluster had is gone (so workers are orphans)."""
     sched = _scheduler_jobs(jobs)
@@ -170,6 +216,15 @@ def scheduler_failure(jobs: Sequence[ObservedJob], known_scheduler_job: str | No
     if known_scheduler_job:
         return f"scheduler job {known_scheduler_job} is no longer known to the batch system"
     return ""
+
+
+def group_workers_of(model: ClusterModel, jobs: Iterable[ObservedJob]) -> list[str]:
+    """Live worker jobs of the cluster's DaskWorkerGroups (owned by the groups, named
+    after the cluster). They are connected to the cluster's scheduler: when it is lost they
+    are orphans too, and a restart must not leave them waiting on a dead address."""
+    return [j.job_id for j in jobs if j.identity.role is Role.WORKER and j.state.live
+            and j.identity.namespace == model.namespace and j.identity.cluster == model.name
+            and j.identity.owner_uid != model.uid]
 
 
 def _plan_scale_down(live: list[ObservedJob], surplus: int, dask: DaskView | None,
@@ -207,21 +262,62 @@ def _plan_scale_down(live: list[ObservedJob], surplus: int, dask: DaskView | Non
         plan.retire.append(Retirement(job.job_id, [w.name for w in dask.workers_of(job)]))
 
 
+def _why_not_restart(model: ClusterModel, recovery: SchedulerRecovery,
+                     restarts: int) -> str:
+    """Empty when a lost scheduler is to be restarted; otherwise the advice that goes with
+    the Failed phase."""
+    if model.mode == "allocation":
+        return ("an allocation (spec.mode: allocation) is not restarted, its workers ended "
+                "with it: delete and re-create the cluster")
+    if not recovery.restart:
+        return ("spec.scheduler.onFailure is Fail: delete and re-create the cluster, or set "
+                "onFailure: Restart to have a new scheduler started")
+    if restarts >= recovery.max_restarts:
+        return (f"the scheduler was restarted {restarts} time(s), spec.scheduler.maxRestarts "
+                f"is {recovery.max_restarts}: see the scheduler jobs' logs for why it ends, "
+                "then raise maxRestarts or delete and re-create the cluster")
+    return ""
+
+
 def plan_cluster(model: ClusterModel, jobs: Sequence[ObservedJob], dask: DaskView | None,
                  known_scheduler_job: str | None = None, *, now: float,
                  spec_changed: bool = False,
-                 policy: FailurePolicy = DEFAULT_FAILURE_POLICY) -> Plan:
+                 policy: FailurePolicy = DEFAULT_FAILURE_POLICY,
+                 recovery: SchedulerRecovery = FAIL_ON_SCHEDULER_LOSS,
+                 restarts: int = 0) -> Plan:
     """`now` (epoch seconds, the clock the backends' start and end times use) makes
     walltime expiry and failure back-off decidable without reading a clock here;
-    `spec_changed` (the manifest's generation moved) lifts a failure stop once."""
+    `spec_changed` (the manifest's generation moved) lifts a failure stop once;
+    `recovery` says what a lost scheduler leads to, `restarts` is the last
+    status.schedulerRestarts (SchedulerRecovery)."""
     plan = Plan()
     sched = _scheduler_jobs(jobs)
     live_sched = [j for j in sched if j.state.live]
+    plan.restarts = scheduler_incarnation(jobs, restarts)
     failure = scheduler_failure(jobs, known_scheduler_job)
     if failure:
-        plan.failed = failure
         # Workers of a dead scheduler would idle until their death timeout: end them now.
-        plan.cancel = [j.job_id for j in jobs if j.identity.role is Role.WORKER and j.state.live]
+        doomed = [j.job_id for j in jobs if j.identity.role is Role.WORKER and j.state.live]
+        plan.cancel = list(doomed)
+        advice = _why_not_restart(model, recovery, plan.restarts)
+        if advice:
+            # Where restarts were asked for, the message says why there is none; otherwise
+            # the advice is in the SchedulerReady condition.
+            plan.failed = f"{failure}; not restarted: {advice}" if recovery.restart \
+                else failure
+            plan.advice = advice
+            return plan
+        plan.lost, plan.max_restarts = failure, recovery.max_restarts
+        plan.restarts += 1
+        plan.submit.append(JobIdentity(model.namespace, model.name, model.uid, Role.SCHEDULER,
+                                       "default", plan.restarts))
+        # The new scheduler gets new workers: the cancelled ones no longer count.
+        gone = set(doomed)
+        after = [replace(j, state=JobState.ENDING, reason="cancel requested")
+                 if j.job_id in gone else j for j in jobs]
+        for group in model.groups:
+            plan_group(model.namespace, model.name, group, after, None, plan, now=now,
+                       spec_changed=spec_changed, policy=policy)
         return plan
     allocation = model.mode == "allocation"
     if not live_sched:
@@ -445,6 +541,11 @@ def cluster_status(model: ClusterModel, jobs: Sequence[ObservedJob], dask: DaskV
 
     if plan.failed:
         phase, message = "Failed", plan.failed
+    elif plan.lost:
+        phase = "Pending"
+        message = (f"scheduler lost: {plan.lost}; restart {plan.restarts} of "
+                   f"{plan.max_restarts}: " + (f"scheduler job {sched_job.job_id} submitted"
+                                               if sched_job else "submitting a scheduler job"))
     elif dask is None:
         phase = "Pending"
         what = "allocation" if model.mode == "allocation" else "scheduler job"
@@ -464,11 +565,16 @@ def cluster_status(model: ClusterModel, jobs: Sequence[ObservedJob], dask: DaskV
     if plan.notes:
         message += "; " + "; ".join(plan.notes)
 
+    if dask is not None:
+        sched_reason, sched_message = "Connected", f"scheduler at {dask.address}"
+    elif plan.failed:
+        sched_reason = "Failed"
+        sched_message = message if plan.advice in message else f"{message}; {plan.advice}"
+    else:
+        sched_reason, sched_message = ("SchedulerLost" if plan.lost else "Waiting"), message
     conditions = [
         _condition("Accepted", True, "Valid", "the manifest is valid"),
-        _condition("SchedulerReady", dask is not None,
-                   "Connected" if dask is not None else ("Failed" if plan.failed else "Waiting"),
-                   f"scheduler at {dask.address}" if dask is not None else message),
+        _condition("SchedulerReady", dask is not None, sched_reason, sched_message),
         _condition("WorkersReady", dask is not None and ready >= desired,
                    "AllReady" if ready >= desired else "Waiting",
                    f"{ready}/{desired} workers connected to the scheduler"),
@@ -485,6 +591,7 @@ def cluster_status(model: ClusterModel, jobs: Sequence[ObservedJob], dask: DaskV
         "backend": model.backend,
         "resources": sorted({r for g in model.groups for r in g.resource_names}),
         "schedulerJobId": sched_job.job_id if sched_job else None,
+        "schedulerRestarts": plan.restarts,
         "schedulerAddress": dask.address if dask else None,
         "dashboardURL": dask.dashboard_url if dask else None,
         "conditions": merge_conditions(old_conditions, conditions, now),
@@ -532,11 +639,13 @@ def group_status(group: GroupModel, jobs: Sequence[ObservedJob], dask: DaskView 
 
 
 def rejected_status(error: str, old_conditions: Sequence[dict[str, Any]],
-                    now: str) -> dict[str, Any]:
-    """A manifest the operator refuses: nothing is submitted, the reason is on the object."""
+                    now: str, reason: str = "InvalidSpec") -> dict[str, Any]:
+    """A manifest the operator refuses: nothing is submitted, the reason is on the object
+    (`reason`: InvalidSpec, or PolicyViolation for a valid manifest the site's policy
+    does not allow)."""
     return {
         "phase": "Failed",
         "message": error,
         "conditions": merge_conditions(
-            old_conditions, [_condition("Accepted", False, "InvalidSpec", error)], now),
+            old_conditions, [_condition("Accepted", False, reason, error)], now),
     }

@@ -148,7 +148,12 @@ def test_up_on_slurm(config: Path, tmp_path: Path) -> None:
     assert "no job left" in result.stdout
     out = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%i|%T|%k"],
                          capture_output=True, text=True, check=True).stdout
-    ours = [line for line in out.splitlines() if ":quickstart:" in line]
+    # This run's cluster only (its kept history file is named after the uid's first 8
+    # characters): a quickstart cluster of another run may share the machine.
+    mine = {p.stem.rsplit("-", 1)[1]
+            for p in (tmp_path / "staging" / "history" / "default").glob("quickstart-*")}
+    ours = [line for line in out.splitlines()
+            if ":quickstart:" in line and line.split(":")[4][:8] in mine]
     assert ours, "the jobs ran through SLURM"
     uids = {line.split(":")[4] for line in ours}
     assert all(live_slurm_jobs(uid) == [] for uid in uids)

@@ -26,9 +26,12 @@ async def test_sweep_cancels_orphans_and_only_them(site: SiteConfig) -> None:
                         f"{site.staging_dir}/sweep-logs", death_timeout=120)
     template = JobTemplate(cores=1, memory="256MiB", walltime="00:05:00", queue="debug")
     orphan_uid, live_uid = f"orphan-{uuid.uuid4()}", f"alive-{uuid.uuid4()}"
+    # A namespace of its own: the sweep treats every other uid in it as an orphan, so a
+    # shared one would cancel the jobs of tests running beside this one.
+    namespace = f"sweep-{uuid.uuid4().hex[:8]}"
     # Workers waiting for a scheduler that will never come: live jobs, as orphans are.
     for uid in (orphan_uid, live_uid):
-        identity = JobIdentity("it", "sweep", uid, Role.WORKER, "default", 0)
+        identity = JobIdentity(namespace, "sweep", uid, Role.WORKER, "default", 0)
         await backend.submit(render_worker(ctx, identity, template))
     try:
         assert live_slurm_jobs(orphan_uid) and live_slurm_jobs(live_uid)
@@ -36,7 +39,7 @@ async def test_sweep_cancels_orphans_and_only_them(site: SiteConfig) -> None:
         async def only_the_live_one() -> set[str]:
             return {live_uid}
 
-        cancelled = await sweep(runtime, only_the_live_one, ["it"])
+        cancelled = await sweep(runtime, only_the_live_one, [namespace])
         assert len(cancelled) == 1
         await wait_until(lambda: _none_left(orphan_uid), 30, "the orphan's job to end")
         assert live_slurm_jobs(live_uid), "a job whose resource exists was cancelled"

@@ -137,7 +137,8 @@ class SimulatedSchedulers:
                                       "workers": workers.get(i.owner_uid, {})}
 
     async def observe(self, scheduler_file: str,
-                      groups: list[dict[str, Any]] | None = None) -> DaskView | None:
+                      groups: list[dict[str, Any]] | None = None,
+                      security: object = None) -> DaskView | None:
         answer = self.answers.get(scheduler_file)
         if answer is None:
             return None

@@ -7,7 +7,9 @@ import shutil
 import subprocess
 import time
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from dask_hpc_operator.reconcile import GroupReconciler, Runtime
@@ -133,3 +135,38 @@ class Cluster:
 def slurm_runtime(site: SiteConfig) -> tuple[Runtime, CommandRunner]:
     runner = CommandRunner()
     return Runtime(site, backends={"slurm": SlurmBackend(runner)}), runner
+
+
+# --- screenshots of reports in a real browser ------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def screenshot(page: Path, png: Path, width: int = 1280, height: int = 1600) -> bytes:
+    """A PNG of `page` as headless Chromium draws it at this window size."""
+    assert CHROMIUM is not None, "chromium is not installed (apt-get install chromium)"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                    "--disable-background-networking", "--no-first-run", "--hide-scrollbars",
+                    f"--user-data-dir={png.parent / '.chromium-profile'}",
+                    f"--window-size={width},{height}", f"--screenshot={png}", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    return png.read_bytes()
+
+
+def png_dimensions(png: bytes) -> tuple[int, int]:
+    """(width, height) from the PNG's IHDR chunk, the first after the signature."""
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def png_detail(png: bytes) -> int:
+    """How many distinct byte values the PNG's pixel stream holds: a blank page compresses
+    to a few (the filters turn a flat colour into zeros), a drawn one to hundreds."""
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    data, i = b"", 8
+    while i < len(png):
+        length = int.from_bytes(png[i:i + 4], "big")
+        if png[i + 4:i + 8] == b"IDAT":
+            data += png[i + 8:i + 8 + length]
+        i += 12 + length
+    return len(set(zlib.decompress(data)))

@@ -137,6 +137,40 @@ class RunnerCommand:
     working_dir: str | None = None
 
 
+# distributed's configuration keys, as environment variables (dask.config reads them in
+# every process): what a client program needs to reach a TLS cluster with no code change.
+TLS_CLIENT_ENV = {
+    "ca_file": "DASK_DISTRIBUTED__COMM__TLS__CA_FILE",
+    "cert_file": "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT",
+    "key_file": "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY",
+}
+REQUIRE_ENCRYPTION_ENV = "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A cluster's TLS credentials on the shared filesystem (`protocol: tls`): the CA
+    certificate, and the one certificate and key that the scheduler, its workers and its
+    clients all present (Dask's TLS is mutual: every side verifies the other's certificate
+    against the CA). Paths only; the operator writes the files (dask_hpc_operator.tls)."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+    def cli_args(self) -> list[str]:
+        """The options `dask scheduler`, `dask worker` and `dask cuda worker` share."""
+        return ["--tls-ca-file", self.ca_file, "--tls-cert", self.cert_file,
+                "--tls-key", self.key_file]
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for a client process: its `Client(address)` then uses TLS with
+        these credentials, and refuses to talk without encryption."""
+        env = {name: getattr(self, attr) for attr, name in TLS_CLIENT_ENV.items()}
+        env[REQUIRE_ENCRYPTION_ENV] = "True"
+        return env
+
+
 @dataclass(frozen=True)
 class JobRequest:
     """A rendered job, ready for a backend's submit.
@@ -201,3 +235,27 @@ class ObservedJob:
     # start drives replacement before the walltime, the end the back-off after failures.
     started_at: float | None = None
     ended_at: float | None = None
+
+
+@dataclass(frozen=True)
+class JobAccounting:
+    """What the batch system's own records say one job was given and when (sacct, qstat -x,
+    the local backend's job directory): the raw facts usage accounting is computed from.
+
+    None where the record does not say: a SLURM without slurmdbd (`sacct -c`, the job
+    completion log) records no GPUs, the local backend no cores. `final` means the job has
+    ended and the batch system will not change the record again, so it need not be asked
+    twice.
+    """
+
+    job_id: str
+    source: str  # sacct | sacct-completion | qstat | local
+    state: str  # the batch system's own word (RUNNING, CANCELLED by 0, F, ...)
+    final: bool
+    submitted_at: float | None = None
+    eligible_at: float | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    cores: int | None = None
+    gpus: int | None = None
+    elapsed: float | None = None  # run seconds as the batch system counted them

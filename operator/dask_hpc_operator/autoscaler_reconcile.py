@@ -10,15 +10,17 @@ by the autoscaler is as safe as any other.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
-from . import dask_rpc
+from . import dask_rpc, tls
 from .autoscaling import AutoscalerSpec, Recommendation, ScaleState, decide
 from .constants import DEFAULT_GROUP_NAME, KIND_CLUSTER, KIND_WORKER_GROUP
 from .job_reconcile import ClusterStore
 from .model import ClusterModel, GroupModel
-from .planning import merge_conditions, rejected_status
-from .reconcile import EventSink, Runtime, _no_events, now_iso
+from .planning import merge_conditions
+from .policy import PolicyError, enforce
+from .reconcile import EventSink, Runtime, _no_events, now_iso, refused
 from .validation import ManifestError, validate
 
 
@@ -46,11 +48,15 @@ class AutoscalerReconciler:
         self.runtime = runtime
 
     async def reconcile(self, manifest: dict[str, Any], old_status: dict[str, Any],
-                        targets: ScaleTargets, events: EventSink = _no_events) -> dict[str, Any]:
+                        targets: ScaleTargets, events: EventSink = _no_events,
+                        groups: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+        """`groups`: the cluster's DaskWorkerGroups where the caller knows them, so that
+        the policy's maxWorkers (and maxCores, maxGpus) count the target at its maximum
+        beside the cluster's other workers."""
         try:
             valid = validate(manifest)
         except ManifestError as exc:
-            return rejected_status(str(exc), old_status.get("conditions") or [], now_iso())
+            return refused(exc, old_status, events)
         spec = valid["spec"]
         namespace = valid["metadata"].get("namespace") or "default"
         cluster_name, group_name = spec["cluster"], spec["workerGroup"]
@@ -76,6 +82,11 @@ class AutoscalerReconciler:
             group = GroupModel.from_worker(meta["name"], meta.get("uid", ""),
                                            validate(doc)["spec"]["worker"])
             kind, target = KIND_WORKER_GROUP, group_name
+            groups = [*groups, doc]  # counted once, at the autoscaler's maximum
+        try:
+            enforce(valid, self.runtime.site, cluster=cluster, groups=groups)
+        except PolicyError as exc:
+            return refused(exc, old_status, events)
 
         recommendation = await self._recommend(cmodel, group, cluster.get("status") or {})
         scaler = AutoscalerSpec.from_spec(spec)
@@ -100,16 +111,19 @@ class AutoscalerReconciler:
                                                 now_iso())
         return status
 
-    @staticmethod
-    async def _recommend(cmodel: ClusterModel, group: GroupModel,
+    async def _recommend(self, cmodel: ClusterModel, group: GroupModel,
                          cluster_status: dict[str, Any]) -> Recommendation | None:
         address = cluster_status.get("schedulerAddress")
         if not address:
             return None
         groups = [cmodel.groups[0]] + ([group] if group.name != DEFAULT_GROUP_NAME else [])
+        # A TLS cluster's credentials, where its own reconcile made them.
+        files = tls.tls_files(self.runtime.staging_dir(cmodel.namespace, cmodel.name,
+                                                       cmodel.uid)) \
+            if tls.needs_tls(cmodel.protocols) else None
         advice = await dask_rpc.scaling_advice(address, [
             dask_rpc.group_query(cmodel.namespace, cmodel.name, g.name, g.template.resources)
-            for g in groups])
+            for g in groups], tls.security_for(files))
         answer = ((advice or {}).get("groups") or {}).get(group.name)
         if answer is None:
             return None

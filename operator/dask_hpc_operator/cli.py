@@ -11,6 +11,7 @@ import logging
 import sqlite3
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -18,6 +19,7 @@ from . import crd_schema, history
 from .constants import KIND_CLUSTER, KIND_JOB, KIND_WORKER_GROUP, NAMES
 from .job_reconcile import JobReconciler
 from .manifests import load_documents
+from .policy import enforce
 from .reconcile import GroupReconciler, Runtime
 from .site_config import ConfigError, SiteConfig
 from .validation import ManifestError, validate
@@ -64,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     hist = sub.add_parser("history", help="list past clusters, or one cluster's computations",
                           description="What clusters computed, read from the history their "
                           "schedulers recorded in the staging directory (kept after the "
-                          "cluster is deleted). Times are UTC.")
+                          "cluster is deleted), and what their batch jobs used (core-hours, "
+                          "GPU-hours, queue waits; per namespace under the list). Times are "
+                          "UTC.")
     hist.add_argument("cluster", nargs="?", metavar="CLUSTER",
                       help="a cluster name (or NAME-UID8): list its computations")
     hist.add_argument("--namespace", "-n", help="only this namespace (default: all)")
@@ -98,10 +102,16 @@ def cmd_render(args: argparse.Namespace, site: SiteConfig) -> int:
         if args.backend and doc.get("kind") == KIND_CLUSTER:
             doc.setdefault("spec", {})["backend"] = args.backend
     clusters = {d["metadata"]["name"]: d for d in docs if d.get("kind") == KIND_CLUSTER}
+
+    def groups_of(cluster: str) -> list[dict[str, Any]]:  # for the policy's totals
+        return [d for d in docs if d.get("kind") == KIND_WORKER_GROUP
+                and (d.get("spec") or {}).get("cluster") == cluster]
+
     for doc in docs:
-        kind = validate(doc)["kind"]
+        valid = validate(doc)
+        kind = valid["kind"]
         if kind == KIND_CLUSTER:
-            requests = reconciler.render_all(doc)
+            requests = reconciler.render_all(doc, groups_of(doc["metadata"]["name"]))
         elif kind == KIND_JOB:
             if args.backend:
                 doc["spec"].setdefault("cluster", {})["backend"] = args.backend
@@ -112,8 +122,12 @@ def cmd_render(args: argparse.Namespace, site: SiteConfig) -> int:
                 requests += reconciler.render_all(child)
             requests.append(runner)
         elif kind == KIND_WORKER_GROUP and doc["spec"]["cluster"] in clusters:
-            requests = reconciler.render_group(doc, clusters[doc["spec"]["cluster"]])
+            requests = reconciler.render_group(doc, clusters[doc["spec"]["cluster"]],
+                                               groups_of(doc["spec"]["cluster"]))
         else:
+            # Refused here as the operator would refuse it (the site's policy).
+            enforce(valid, site, cluster=clusters.get(valid["spec"]["cluster"]),
+                    groups=groups_of(valid["spec"]["cluster"]))
             print(f"# {kind} {doc['metadata']['name']}: valid (nothing to render here"
                   + (": its DaskCluster is not in these files)" if kind == KIND_WORKER_GROUP
                      else ")"))
@@ -182,7 +196,7 @@ def cmd_up(args: argparse.Namespace, site: SiteConfig) -> int:
     from .embedded import prepare, up
 
     command = args.exec[1:] if args.exec[:1] == ["--"] else args.exec
-    resources = prepare(load_documents(args.filename), args.backend)
+    resources = prepare(load_documents(args.filename), args.backend, site)
     logging.basicConfig(level=logging.WARNING)
     return asyncio.run(up(Runtime(site), resources, command or None))
 
@@ -208,7 +222,8 @@ def cmd_history(args: argparse.Namespace, site: SiteConfig) -> int:
         one = _history_of(args, site)
         if one is None:
             return 1
-        print(history.dumps(one.to_json()) if args.json else history.format_computations(one))
+        print(history.dumps(one.to_json()) if args.json else
+              history.format_computations(one) + "\n\n" + history.format_usage(one))
         return 0
     loaded = []
     for f in history.find(args.staging_dir or site.staging_dir, args.namespace):
@@ -220,10 +235,12 @@ def cmd_history(args: argparse.Namespace, site: SiteConfig) -> int:
     if args.json:
         print(history.dumps([{k: v for k, v in h.to_json().items()
                               if k in ("namespace", "name", "uid", "start", "end", "state",
-                                       "tasks", "erred", "file")}
+                                       "tasks", "erred", "file", "usage_totals")}
                              | {"computations": len(h.computations)} for h in loaded]))
     elif loaded:
         print(history.format_clusters(loaded))
+        if any(h.usage for h in loaded):
+            print("\n" + history.format_namespaces(loaded))
     else:
         print(f"no cluster history under {args.staging_dir or site.staging_dir}")
     return 0

@@ -34,6 +34,14 @@ MANAGER_NAME: Final = "dask-hpc-operator"
 
 DEFAULT_GROUP_NAME: Final = "default"
 
+# Per-cluster TLS (protocol: tls; tls.py). A cluster's credentials live in <staging>/tls and,
+# under the operator with the API, in the Secret <cluster>-dask-tls (owned by the cluster).
+TLS_DIR_NAME: Final = "tls"
+TLS_SECRET_SUFFIX: Final = "-dask-tls"
+# One year: longer than any walltime a site allows in practice (the schema caps it at 365
+# days); a cluster outliving its certificate must be re-created.
+TLS_VALIDITY_DAYS: Final = 365
+
 
 def plural(kind: str) -> str:
     return NAMES[kind][0]

@@ -33,12 +33,46 @@ SAFE_TOKEN = r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$"  # queue, account, profile
 MEMORY = r"^[0-9]+(\.[0-9]+)?[KMGTPkmgtp][iI]?[Bb]?$"  # 16GiB, 16GB, 16G, 512MiB
 WALLTIME = r"^([0-9]{1,3}-)?[0-9]{1,4}:[0-5][0-9]:[0-5][0-9]$"  # HH:MM:SS or D-HH:MM:SS
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
-NO_CONTROL_CHARS = r"^[^\x00-\x1f\x7f]*$"  # no newline, NUL or escape: one line, quoted later
+# One line, quoted later: no newline, NUL or escape, no C1 control (U+0085 NEL is a line
+# break to some readers) and no Unicode line or paragraph separator. RE2 has no `\u` escape
+# and Python's `re` no `\x{...}`, so U+2028 and U+2029 are in the class as themselves.
+NO_CONTROL_CHARS = r"^[^\x00-\x1f\x7f-\x9f" + "\u2028\u2029" + r"]*$"
 # A prologue line is a simple command (`module load cuda/12.2`, `source /opt/env.sh`): no
 # separators, redirections, substitutions or quotes, so it cannot add directives or chain
 # commands. Anything richer belongs in a site profile, which the administrator owns.
 PROLOGUE_LINE = r"^[A-Za-z0-9_./:=@%+,~ -]*$"
-DIRECTIVE = r"^--?[A-Za-z][A-Za-z0-9-]*([= ][A-Za-z0-9_.:,/@%+=-]+)?$"  # --constraint=haswell
+# One directive: a long option with its value after `=` or one space, or ONE short option
+# letter with its value after one space (--constraint=haswell, -C a100, -l storage=x/ab12).
+# Not `-Ho/etc/x` (getopt reads clustered letters as -H -o /etc/x) and no value that starts
+# with '-' after a space (after an option without argument it is read as the next option).
+DIRECTIVE = (r"^(--[A-Za-z][A-Za-z0-9-]*(=[A-Za-z0-9_.:,/@%+=-]+| [A-Za-z0-9_.:,/@%+=]"
+             r"[A-Za-z0-9_.:,/@%+=-]*)?|-[A-Za-z]( [A-Za-z0-9_.:,/@%+=][A-Za-z0-9_.:,/@%+=-]*)?)$")
+# Directives that stay the operator's, whatever the batch system (SLURM and PBS letters
+# both): who the job runs as (--uid, --gid, --get-user-env, PBS -u), where its output and
+# working directory go (--output/-o, --error/-e, --input/-i, --chdir/-D, the old --workdir),
+# its identity and environment (--comment, --job-name/-J, --array/-a, --export, PBS -v/-V,
+# which carry the identity the operator adopts jobs by), what runs (--wrap, PBS -S shell)
+# and whether the submit command returns at all (--wait/-W, PBS -W block=true, -I; PBS -W
+# also sets any job attribute by name). SLURM's `-C` (--constraint) stays allowed: PBS's
+# `-C` (directive prefix) takes effect only on qsub's command line, since qsub has chosen
+# the prefix before it reads the script's directives.
+DENIED_LONG_DIRECTIVES = ("array", "chdir", "comment", "error", "export-file", "get-user-env",
+                          "gid", "input", "job-name", "output", "uid", "wait", "workdir", "wrap")
+DENIED_SHORT_DIRECTIVES = "aDeIiJoSuVvW"
+
+
+def _prefixes(name: str) -> str:
+    """Every non-empty prefix of a long option name (`uid` -> `u(i(d)?)?`): sbatch reads
+    directives with getopt_long, which takes any unambiguous abbreviation (`--out=` is
+    `--output=`), so a refused name must be refused abbreviated too."""
+    regex = ""
+    for char in reversed(name[1:]):
+        regex = f"({char}{regex})?"
+    return name[0] + regex
+
+
+DENIED_DIRECTIVE = ("^(--(" + "|".join(map(_prefixes, DENIED_LONG_DIRECTIVES))
+                    + ")([= ].*)?|-[" + DENIED_SHORT_DIRECTIVES + "]( .*)?)$")
 ARG_TOKEN = r"^[A-Za-z0-9_.:,/@%+=-]+$"  # one argv element of the worker command
 RESOURCE_NAME = r"^[A-Za-z][A-Za-z0-9_]*$"
 PATH = r"^/[A-Za-z0-9_./@%+=-]*$"  # absolute, no spaces or metacharacters
@@ -49,6 +83,12 @@ MAX_CORES = 4096
 MAX_PROCESSES = 256
 MAX_GPUS = 64
 MAX_IDLE_TIMEOUT = 30 * 24 * 3600
+# What a cluster does when its scheduler job ends (spec.scheduler.onFailure): Fail keeps
+# the cluster Failed (its workers are cancelled); Restart submits a new scheduler and new
+# workers, at most maxRestarts times (planning.SchedulerRecovery).
+ON_FAILURE = ["Fail", "Restart"]
+DEFAULT_MAX_RESTARTS = 3
+MAX_RESTARTS = 1000
 
 
 def _string(pattern: str, max_length: int, description: str, **extra: Any) -> Schema:
@@ -184,12 +224,13 @@ def _job_site_lines(who: str) -> dict[str, Schema]:
             "description": "Extra batch directives, e.g. --constraint=haswell (SLURM) or "
                            "-l storage=scratch/ab12 (PBS).",
             "maxItems": 64,
-            "items": _string(DIRECTIVE, 256, "One directive without the #SBATCH/#PBS prefix."),
+            "items": _string(DIRECTIVE, 256, "One directive without the #SBATCH/#PBS prefix.",
+                             **{"not": {"pattern": DENIED_DIRECTIVE}}),
         },
     }
 
 
-def scheduler_schema() -> Schema:
+def scheduler_schema(recovery: bool = True) -> Schema:
     return {
         "type": "object",
         "description": "The Dask scheduler's own batch job.",
@@ -209,11 +250,28 @@ def scheduler_schema() -> Schema:
             },
             "env": _env(),
             **_job_site_lines("scheduler"),
+            "onFailure": {
+                "type": "string", "enum": ON_FAILURE if recovery else ON_FAILURE[:1],
+                "default": ON_FAILURE[0],
+                "description": "When the scheduler job ends (killed, node failure, "
+                               "walltime): Fail = the cluster is Failed and its workers are "
+                               "cancelled; Restart = its workers are cancelled and a new "
+                               "scheduler and new workers are submitted (at most maxRestarts "
+                               "times). Work in progress is lost either way." if recovery
+                               else "Always Fail in a DaskJob: its command's client is "
+                               "connected to the one scheduler, and a new scheduler would "
+                               "not have the command's work.",
+            },
+            "maxRestarts": _int(0, MAX_RESTARTS, "With onFailure: Restart, how many times "
+                                "the scheduler is restarted before the cluster is Failed.",
+                                default=DEFAULT_MAX_RESTARTS),
         },
     }
 
 
-def cluster_spec_schema() -> Schema:
+def cluster_spec_schema(recovery: bool = True) -> Schema:
+    """A DaskCluster's spec; in a DaskJob's `spec.cluster` (`recovery=False`) the scheduler
+    is never restarted (scheduler.onFailure may only be Fail)."""
     return {
         "type": "object",
         "properties": {
@@ -222,7 +280,10 @@ def cluster_spec_schema() -> Schema:
                 "enum": ["slurm", "pbs", "local"],
                 "description": "Batch system; empty means the operator's configured default.",
             },
-            "profile": _string(SAFE_TOKEN, 64, "Site profile of defaults and limits."),
+            "profile": _string(SAFE_TOKEN, 64, "A profile of the site configuration: "
+                               "queue, account, env, prologue and extraDirectives the "
+                               "scheduler, the workers (and a DaskJob's runner) get where "
+                               "this spec leaves them unset (lines and env are added)."),
             "mode": {
                 "type": "string", "enum": ["jobs", "allocation"], "default": "jobs",
                 "description": "jobs: the scheduler and each worker group in batch jobs of "
@@ -232,8 +293,22 @@ def cluster_spec_schema() -> Schema:
             },
             "idleTimeout": _int(0, MAX_IDLE_TIMEOUT, "Seconds without tasks before the "
                                 "cluster deletes itself; 0 = never.", default=0),
-            "scheduler": scheduler_schema(),
+            "scheduler": scheduler_schema(recovery),
             "worker": worker_template_schema(),
+            "diagnostics": {
+                "type": "object",
+                "description": "What the scheduler records beyond the computation history.",
+                "properties": {
+                    "performanceReport": {
+                        "type": "boolean", "default": False,
+                        "description": "Write Dask's performance report (task stream, "
+                                       "profiles, bandwidth) of every computation to "
+                                       "<staging>/reports/, kept with the history and linked "
+                                       "from `dask-hpc report`. Needs bokeh on the "
+                                       "scheduler's Python.",
+                    },
+                },
+            },
         },
     }
 
@@ -284,6 +359,45 @@ def _group_status() -> Schema:
     })
 
 
+def _usage_totals(description: str) -> Schema:
+    return {
+        "type": "object",
+        "description": description,
+        "properties": {
+            "jobs": {"type": "integer", "description": "Batch jobs counted."},
+            "coreHours": {"type": "number", "description": "Cores x run time, in hours."},
+            "gpuHours": {"type": "number", "description": "GPUs x run time, in hours."},
+            "runSeconds": {"type": "number", "description": "Run time of all jobs, summed."},
+            "queueWaitSeconds": {"type": "number",
+                                 "description": "Queue wait (start - submit), SUMMED over "
+                                                "the jobs."},
+            "meanQueueWaitSeconds": {"type": "number",
+                                     "description": "Mean queue wait per job."},
+        },
+    }
+
+
+def _usage_status() -> Schema:
+    schema = _usage_totals("What the cluster's batch jobs (and its DaskWorkerGroups') used, "
+                           "from the batch system's accounting, updated every usageInterval.")
+    schema["properties"].update({
+        "byGroup": {"type": "object", "description": "The same per worker group (the "
+                    "scheduler's job: `scheduler`).",
+                    "additionalProperties": _usage_totals("One group's jobs.")},
+        "source": {"type": "string", "description": "Where run times and cores came from: "
+                   "sacct, sacct-completion (no slurmdbd), qstat, local or requested (the "
+                   "job request, where the batch system had no record); several joined by +."},
+        "gpuSource": {"type": "string", "description": "Where GPU counts came from: the "
+                      "batch system's name, or requested (sacct -c records no GPUs); none "
+                      "without GPUs."},
+        "final": {"type": "boolean", "description": "Every job ended and its figures are "
+                  "final."},
+        "updatedAt": {"type": "string", "description": "When the batch system was last "
+                      "asked; running jobs are counted up to then."},
+    })
+    return schema
+
+
 def _column(name: str, path: str, type_: str = "string", priority: int = 0,
             description: str = "") -> Schema:
     col: Schema = {"name": name, "type": type_, "jsonPath": path}
@@ -312,12 +426,26 @@ def _specs() -> dict[str, tuple[Schema, Schema, list[Schema], Schema | None]]:
         "schedulerJobId": {"type": "string"},
         "backend": {"type": "string"},
         "stagingDirectory": {"type": "string"},
+        "tls": {
+            "type": "object",
+            "description": "protocol tls: where the cluster's credentials are. Connect with "
+                           "Client(address, security=Security(tls_ca_file=caFile, "
+                           "tls_client_cert=certFile, tls_client_key=keyFile, "
+                           "require_encryption=True)), from the files or from the Secret "
+                           "secretName (keys ca.crt, tls.crt, tls.key).",
+            "properties": {k: {"type": "string"}
+                           for k in ("caFile", "certFile", "keyFile", "secretName")},
+        },
+        "schedulerRestarts": {"type": "integer"},
+        "usage": _usage_status(),
     })
     group_spec = {
         "type": "object",
         "required": ["cluster"],
         "properties": {
             "cluster": _string(DNS_LABEL, 63, "Name of the DaskCluster in the same namespace."),
+            "profile": _string(SAFE_TOKEN, 64, "A profile of the site configuration for this "
+                               "group's workers; unset: the cluster's spec.profile."),
             "worker": worker_template_schema(),
         },
     }
@@ -336,6 +464,7 @@ def _specs() -> dict[str, tuple[Schema, Schema, list[Schema], Schema | None]]:
                 "properties": {
                     "command": {
                         "type": "array",
+                        "minItems": 1,
                         "maxItems": 256,
                         "items": _string(NO_CONTROL_CHARS, 4096, "One argv element, quoted."),
                     },
@@ -353,7 +482,7 @@ def _specs() -> dict[str, tuple[Schema, Schema, list[Schema], Schema | None]]:
                     "message": "set exactly one of command or script",
                 }],
             },
-            "cluster": cluster_spec,
+            "cluster": cluster_spec_schema(recovery=False),
         },
     }
     job_status = _status({
@@ -428,7 +557,10 @@ def object_schema(kind: str) -> Schema:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            # The one part of metadata a CRD may restrict: names become job names and path
+            # components (the API server alone would allow dots and 253 characters).
+            "metadata": {"type": "object", "properties": {
+                "name": {"type": "string", "pattern": DNS_LABEL, "maxLength": 63}}},
             "spec": spec,
             "status": status,
         },

@@ -20,12 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from . import tls
 from .autoscaler_reconcile import AutoscalerReconciler
 from .constants import KIND_AUTOSCALER, KIND_CLUSTER, KIND_JOB, KIND_WORKER_GROUP
 from .job_planning import TERMINAL_PHASES
 from .job_reconcile import JobReconciler
+from .policy import enforce
 from .queue_reasons import explain, waiting_reason
 from .reconcile import GroupReconciler, Runtime
+from .site_config import SiteConfig
 from .validation import ManifestError, validate
 
 UP_KINDS = (KIND_CLUSTER, KIND_WORKER_GROUP, KIND_JOB, KIND_AUTOSCALER)
@@ -60,8 +63,11 @@ def _stamp(valid: dict[str, Any]) -> dict[str, Any]:
     return valid
 
 
-def prepare(docs: list[dict[str, Any]], backend: str | None) -> list[Resource]:
-    """Validate everything before anything is submitted."""
+def prepare(docs: list[dict[str, Any]], backend: str | None,
+            site: SiteConfig | None = None) -> list[Resource]:
+    """Validate everything before anything is submitted; with `site`, check its
+    per-namespace policy too (the namespace is metadata.namespace, default "default"),
+    each cluster with the groups of it among `docs`."""
     resources = []
     for doc in docs:
         valid = validate(doc)
@@ -74,6 +80,14 @@ def prepare(docs: list[dict[str, Any]], backend: str | None) -> list[Resource]:
         elif backend and valid["kind"] == KIND_JOB:
             valid["spec"]["cluster"]["backend"] = backend
         resources.append(Resource(valid))
+    if site is not None:
+        store = EmbeddedStore(resources)
+        for r in resources:
+            meta, spec = r.manifest["metadata"], r.manifest["spec"]
+            parent = store.find(meta["namespace"], spec["cluster"]) \
+                if r.kind in (KIND_WORKER_GROUP, KIND_AUTOSCALER) else None
+            enforce(r.manifest, site, cluster=parent.manifest if parent else None,
+                    groups=store.groups_of(r.manifest))
     # Clusters first: a group's reconcile reads its cluster's status.
     return sorted(resources, key=lambda r: r.kind != KIND_CLUSTER)
 
@@ -90,6 +104,17 @@ class EmbeddedStore:
             if r.kind == kind and meta["name"] == name and meta["namespace"] == namespace:
                 return r
         return None
+
+    def groups_of(self, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+        """The DaskWorkerGroups (not being deleted) of the cluster a manifest is (a
+        DaskCluster) or names (spec.cluster), for the policy's per-cluster totals."""
+        meta = manifest["metadata"]
+        cluster = meta["name"] if manifest["kind"] == KIND_CLUSTER \
+            else (manifest.get("spec") or {}).get("cluster")
+        return [r.manifest for r in self.resources
+                if r.kind == KIND_WORKER_GROUP and not r.deleting
+                and r.manifest["metadata"]["namespace"] == meta.get("namespace", "default")
+                and r.manifest["spec"]["cluster"] == cluster]
 
     async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self.get_object(KIND_CLUSTER, namespace, name)
@@ -215,12 +240,15 @@ class Session:
         return {**found.manifest, "status": found.status}
 
     async def reconcile(self, r: Resource) -> None:
+        groups = self.store.groups_of(r.manifest)
         if r.kind == KIND_CLUSTER:
-            new = await self.clusters.reconcile(r.manifest, r.status)
+            new = await self.clusters.reconcile(r.manifest, r.status, groups=groups)
         elif r.kind == KIND_WORKER_GROUP:
-            new = await self.clusters.reconcile_group(r.manifest, r.status, self.cluster_of(r))
+            new = await self.clusters.reconcile_group(r.manifest, r.status, self.cluster_of(r),
+                                                      groups=groups)
         elif r.kind == KIND_AUTOSCALER:
-            new = await self.autoscalers.reconcile(r.manifest, r.status, self.store)
+            new = await self.autoscalers.reconcile(r.manifest, r.status, self.store,
+                                                   groups=groups)
         else:
             new = await self.jobs.reconcile(r.manifest, r.status, self.store)
         r.status.update(new)
@@ -302,6 +330,9 @@ async def up(runtime: Runtime, resources: list[Resource], command: list[str] | N
                     announced.add(r.key)
                     progress.say(f"{r.key} is ready: scheduler {r.status['schedulerAddress']}"
                                  f", dashboard {r.status.get('dashboardURL') or '-'}")
+                    files = tls.files_of_status(r.status.get("tls") or {})
+                    if files is not None:
+                        progress.say(tls.connect_hint(files))
                     if command is None and not has_jobs:
                         progress.say("press Ctrl-C to tear the cluster down")
                 if r.status.get("phase") == "Failed" and r.kind == KIND_CLUSTER \
@@ -325,6 +356,9 @@ async def up(runtime: Runtime, resources: list[Resource], command: list[str] | N
                 env = dict(os.environ)
                 first = next(r for r in resources if r.kind == KIND_CLUSTER)
                 env["DASK_SCHEDULER_ADDRESS"] = first.status["schedulerAddress"]
+                files = tls.files_of_status(first.status.get("tls") or {})
+                if files is not None:  # its Client() connects over TLS as it is
+                    env.update(files.client_env())
                 proc = await asyncio.create_subprocess_exec(*command, env=env)
             if proc is not None and proc.returncode is not None:
                 exit_code = proc.returncode

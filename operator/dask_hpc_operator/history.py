@@ -6,6 +6,11 @@ cluster removes that directory, so teardown first copies the file to
 `<staging>/history/<ns>/<name>-<uid8>.sqlite` (`archive`); `dask-hpc history` and
 `dask-hpc report` read both places, the live one winning while it exists.
 
+Beside it are kept what the operator and the other preload wrote in the staging directory:
+`usage.json` (the batch system's accounting of every job: core-hours, GPU-hours, queue
+waits; usage_ledger.py) as `<name>-<uid8>.usage.json`, and Dask's performance reports
+(`reports/*.html`, spec.diagnostics.performanceReport) as `<name>-<uid8>.reports/`.
+
 Reading never writes: files are opened read-only, so a reader cannot disturb a scheduler
 that is still writing, nor need write access to a colleague's staging directory. A run
 (one scheduler process) that has no end and has not flushed for STALE_AFTER_S was killed:
@@ -18,6 +23,8 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -26,11 +33,15 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from hpc_bridge.preloads.history import FILE_NAME as FILE_NAME  # re-exported
+from hpc_bridge.preloads.performance import REPORTS_DIR
+
+from .usage import JobUsage, UsageSummary, rows_of, summarize
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ARCHIVE_DIR = "history"  # under the site's staging directory
+USAGE_FILE = "usage.json"  # in a cluster's staging directory (usage_ledger.py)
 # A live scheduler flushes every second or so; one silent this long, with no end, is gone.
 STALE_AFTER_S = 15.0
 
@@ -48,6 +59,16 @@ class HistoryFile:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}-{self.uid8}"
+
+    @property
+    def usage_path(self) -> Path:
+        return (self.path.with_name(self.path.stem + ".usage.json") if self.archived
+                else self.path.parent / USAGE_FILE)
+
+    @property
+    def reports_dir(self) -> Path:
+        return (self.path.with_name(self.path.stem + ".reports") if self.archived
+                else self.path.parent / REPORTS_DIR)
 
 
 @dataclass
@@ -171,6 +192,9 @@ class ClusterHistory:
     workers: list[Worker]
     events: list[Event]
     samples: list[Sample]
+    usage: list[JobUsage] = field(default_factory=list)  # the batch jobs' accounting
+    usage_as_of: float | None = None
+    reports: list[Path] = field(default_factory=list)  # Dask performance reports (HTML)
 
     @property
     def start(self) -> float | None:
@@ -210,12 +234,30 @@ class ClusterHistory:
                 t.output_bytes += p.output_bytes
         return sorted(totals.values(), key=lambda p: (-p.compute_seconds, p.prefix))
 
+    def usage_summary(self) -> UsageSummary:
+        return summarize(self.usage)
+
+    def report_of(self, computation: str) -> Path | None:
+        """The performance report of one computation (named by its id), if there is one."""
+        return next((p for p in self.reports if p.stem == computation), None)
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["file"] = {"path": str(self.file.path), "archived": self.file.archived}
         out.update(start=self.start, end=self.end, state=self.state, tasks=self.tasks,
-                   erred=self.erred)
+                   erred=self.erred, reports=[str(p) for p in self.reports],
+                   usage_totals=usage_json(self.usage_summary()))
         return out
+
+
+def usage_json(summary: UsageSummary) -> dict[str, Any]:
+    def one(t: Any) -> dict[str, Any]:
+        return {"jobs": t.jobs, "core_hours": t.core_hours, "gpu_hours": t.gpu_hours,
+                "run_seconds": t.run_seconds, "queue_wait_seconds": t.queue_wait_seconds,
+                "mean_queue_wait_seconds": t.mean_queue_wait_seconds}
+    return {**one(summary.total), "by_group": {g: one(t) for g, t in summary.by_group.items()},
+            "source": summary.source, "gpu_source": summary.gpu_source,
+            "final": summary.final}
 
 
 # --- finding and keeping files -----------------------------------------------------------
@@ -275,6 +317,41 @@ def archive(source: Path, target: Path) -> bool:
         return False
 
 
+def keep(staging: Path, target: Path) -> None:
+    """Everything of a cluster's history out of its staging directory before it is removed:
+    the history (`archive`), the usage file and the performance reports, beside `target`
+    (the `archive_path`). Never raises, like `archive`."""
+    archive(staging / FILE_NAME, target)
+    kept = HistoryFile("", "", "", target, archived=True)
+    try:
+        if (staging / USAGE_FILE).exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(staging / USAGE_FILE, kept.usage_path)
+        if (staging / REPORTS_DIR).is_dir():
+            shutil.copytree(staging / REPORTS_DIR, kept.reports_dir, dirs_exist_ok=True)
+    except OSError as exc:
+        log.warning("could not keep the usage and reports of %s in %s: %s", staging,
+                    target.parent, exc)
+
+
+def write_json(path: Path, doc: Any) -> None:
+    """Replace `path` atomically (a reader never sees half a file; a crash leaves the old
+    one)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`, or None when it is missing or not one."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 # --- reading ---------------------------------------------------------------------------
 
 def _connect_ro(path: Path) -> sqlite3.Connection:
@@ -330,9 +407,12 @@ def load(file: HistoryFile, now: float | None = None) -> ClusterHistory:
     for w in workers:
         if w.left is None and w.run not in live:
             w.left = until.get(w.run)
+    usage = read_json(file.usage_path) or {}
+    reports = sorted(file.reports_dir.glob("*.html")) if file.reports_dir.is_dir() else []
     return ClusterHistory(file, meta.get("namespace", file.namespace),
                           meta.get("name", file.name), meta.get("uid", file.uid8), runs,
-                          computations, errors, workers, events, samples)
+                          computations, errors, workers, events, samples, rows_of(usage),
+                          usage.get("asOf"), reports)
 
 
 def select(files: Iterable[HistoryFile], cluster: str) -> tuple[HistoryFile, list[HistoryFile]]:
@@ -394,12 +474,68 @@ def cluster_state(h: ClusterHistory) -> str:
     return f"{state}, deleted" if h.file.archived and state != "running" else state
 
 
+def hours(h: float) -> str:
+    return f"{h:.2f}" if h >= 0.995 or h == 0 else f"{h:.3f}"
+
+
 def format_clusters(histories: list[ClusterHistory]) -> str:
-    rows = [[h.namespace, h.name, h.file.uid8, cluster_state(h), when(h.start), when(h.end),
-             seconds(((h.end or time.time()) - h.start) if h.start else None),
-             str(len(h.computations)), str(h.tasks), str(h.erred)] for h in histories]
+    rows = []
+    for h in histories:
+        used = h.usage_summary().total
+        rows.append([h.namespace, h.name, h.file.uid8, cluster_state(h), when(h.start),
+                     when(h.end), seconds(((h.end or time.time()) - h.start) if h.start
+                                          else None),
+                     str(len(h.computations)), str(h.tasks), str(h.erred),
+                     hours(used.core_hours) if h.usage else "-",
+                     hours(used.gpu_hours) if h.usage else "-"])
     return table(["NAMESPACE", "NAME", "UID", "STATE", "START", "END", "DURATION",
-                  "COMPUTATIONS", "TASKS", "ERRED"], rows)
+                  "COMPUTATIONS", "TASKS", "ERRED", "CORE-H", "GPU-H"], rows)
+
+
+def format_namespaces(histories: list[ClusterHistory]) -> str:
+    """One line per namespace: its clusters' batch jobs added up (what a group or project
+    used, for a report to whoever pays)."""
+    by_ns = summarize((u for h in histories for u in h.usage), lambda u: u.namespace)
+    clusters: dict[str, int] = {}
+    for h in histories:
+        clusters[h.namespace] = clusters.get(h.namespace, 0) + 1
+    lines = []
+    for ns, t in by_ns.by_group.items():
+        lines.append(f"namespace {ns}: {clusters.get(ns, 0)} clusters, {t.jobs} batch jobs, "
+                     f"{hours(t.core_hours)} core-hours, {hours(t.gpu_hours)} GPU-hours, "
+                     f"queue wait {seconds(t.queue_wait_seconds)} in all (mean "
+                     f"{seconds(t.mean_queue_wait_seconds)})")
+    return "\n".join(lines)
+
+
+def format_usage(h: ClusterHistory) -> str:
+    """The batch jobs of one cluster: what each was given, waited and ran, per group."""
+    if not h.usage:
+        return "no usage recorded (the cluster predates usage accounting, or no job ran)"
+    summary = h.usage_summary()
+    t = summary.total
+    provisional = "" if summary.final else (
+        "; provisional: some jobs had no final accounting record when last asked")
+    head = (f"usage: {t.jobs} batch jobs, {hours(t.core_hours)} core-hours, "
+            f"{hours(t.gpu_hours)} GPU-hours, run {seconds(t.run_seconds)}, queue wait "
+            f"{seconds(t.queue_wait_seconds)} in all (mean "
+            f"{seconds(t.mean_queue_wait_seconds)}); source {summary.source}, GPUs "
+            f"{summary.gpu_source}; as of {when(h.usage_as_of)}{provisional}")
+    groups = table(["GROUP", "JOBS", "CORE-H", "GPU-H", "RUN", "QUEUE WAIT", "MEAN WAIT"],
+                   [[g, str(x.jobs), hours(x.core_hours), hours(x.gpu_hours),
+                     seconds(x.run_seconds), seconds(x.queue_wait_seconds),
+                     seconds(x.mean_queue_wait_seconds)]
+                    for g, x in summary.by_group.items()])
+    jobs = table(["JOB", "GROUP", "STATE", "CORES", "GPUS", "SUBMITTED", "QUEUE WAIT", "RUN",
+                  "CORE-H", "GPU-H", "SOURCE"],
+                 [[u.job_id, u.group, u.state, str(u.cores),
+                   str(u.gpus) + ("" if u.gpu_source == u.source or not u.gpus
+                                  else f" ({u.gpu_source})"),
+                   when(u.submitted_at), seconds(u.queue_wait_seconds),
+                   seconds(u.run_seconds), hours(u.core_hours), hours(u.gpu_hours),
+                   u.source + ("" if u.final else ", provisional")]
+                  for u in sorted(h.usage, key=lambda u: (u.submitted_at or 0.0, u.job_id))])
+    return f"{head}\n{groups}\n\n{jobs}"
 
 
 def format_computations(h: ClusterHistory) -> str:
@@ -418,6 +554,8 @@ def format_computations(h: ClusterHistory) -> str:
         first = h.errors[0]
         out += (f"\n{len(h.errors)} error(s); first: {first.key} on {first.worker}: "
                 f"{first.exception}")
+    if h.reports:
+        out += f"\nDask performance reports: {h.file.reports_dir} ({len(h.reports)})"
     return out
 
 

@@ -4,7 +4,9 @@ Self-contained because it is read where the cluster ran: on a login node, mailed
 colleague, opened from a shared filesystem with no network. So no script, no CDN, no
 external font or stylesheet: the charts are SVG written here, their tooltips SVG `<title>`
 elements. Every string from the history (task keys, exception text, worker names, code) is
-HTML-escaped: it came from user code.
+HTML-escaped: it came from user code. The only links are to the cluster's Dask performance
+reports (spec.diagnostics.performanceReport), local files kept beside the history, by
+absolute file URI so they work wherever the report is written.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import html
 import time
 from collections.abc import Callable, Iterable
 
-from .history import ClusterHistory, Computation, cluster_state, seconds, size, when
+from .history import ClusterHistory, Computation, cluster_state, hours, seconds, size, when
+from .usage import JobUsage
 
 WIDTH = 1000  # SVG user units; the SVG scales to the page width
 LABEL_W = 190
@@ -197,7 +200,91 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[str]], numeric: set[in
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _computation_row(c: Computation) -> list[str]:
+QUEUE_COLOUR, RUN_COLOUR = "#ffd8a8", "#5c7cfa"
+MAX_JOB_ROWS = 80
+
+
+def queue_chart(h: ClusterHistory) -> str:
+    """One row per batch job: waiting in the queue (submit to start), then running (start to
+    end, or to the latest accounting for a running job), on the jobs' own time axis."""
+    jobs = sorted((u for u in h.usage if u.submitted_at or u.started_at),
+                  key=lambda u: (u.submitted_at or u.started_at or 0.0, u.job_id))
+    if not jobs:
+        return ""
+    shown = jobs[:MAX_JOB_ROWS]
+    as_of = h.usage_as_of or time.time()
+
+    def run_end(u: JobUsage) -> float:
+        start = u.started_at or 0.0
+        return u.ended_at or start + u.run_seconds or as_of
+
+    t0 = min(u.submitted_at or u.started_at or as_of for u in shown)
+    t1 = max(max(run_end(u), u.submitted_at or 0.0) for u in shown)
+    axis = Axis(t0, t1)
+    parts: list[str] = []
+    y = 6.0
+    for u in shown:
+        submitted = u.submitted_at or u.started_at or t0
+        waited_until = u.started_at or u.ended_at or as_of
+        parts.append(_bar(axis, y, submitted, waited_until, QUEUE_COLOUR,
+                          f"job {u.job_id} ({u.group}): queued {seconds(u.queue_wait_seconds)}"))
+        if u.started_at is not None:
+            parts.append(_bar(axis, y, u.started_at, run_end(u), RUN_COLOUR,
+                              f"job {u.job_id} ({u.group}): ran {seconds(u.run_seconds)} on "
+                              f"{u.cores} cores, {u.gpus} GPUs; {u.state}"))
+        parts.append(_label(y, f"{u.group} {u.job_id}"))
+        y += ROW_H
+    if len(jobs) > len(shown):
+        parts.append(f'<text x="{LABEL_W - 6}" y="{y + 11}" font-size="11" '
+                     f'text-anchor="end" fill="#868e96">… {len(jobs) - len(shown)} more jobs'
+                     "</text>")
+        y += ROW_H
+    height = y + 20
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {height:.0f}" '
+            f'role="img" aria-label="batch jobs">{"".join(axis.ticks(2, y + 2))}'
+            f'{"".join(parts)}</svg>'
+            f'<p class="muted"><span class="swatch" style="background:{QUEUE_COLOUR}"></span> '
+            f'waiting in the queue &nbsp; <span class="swatch" style="background:{RUN_COLOUR}">'
+            "</span> running</p>")
+
+
+def usage_section(h: ClusterHistory) -> list[str]:
+    """What the cluster's batch jobs were given, waited and ran: per group and per job."""
+    if not h.usage:
+        return ['<p class="muted">No usage recorded (the cluster predates usage accounting, '
+                "or no job ran).</p>"]
+    summary = h.usage_summary()
+    t = summary.total
+    note = "" if summary.final else (" Some jobs had no final accounting record when last "
+                                     "asked: their figures are provisional.")
+    parts = [f"<p>{t.jobs} batch jobs: <b>{e(hours(t.core_hours))} core-hours</b>, "
+             f"<b>{e(hours(t.gpu_hours))} GPU-hours</b>, run time {e(seconds(t.run_seconds))}, "
+             f"queue wait {e(seconds(t.queue_wait_seconds))} in all (mean "
+             f"{e(seconds(t.mean_queue_wait_seconds))}). "
+             f'<span class="muted">Source: {e(summary.source)}; GPUs: '
+             f"{e(summary.gpu_source)}; as of {e(when(h.usage_as_of))}.{e(note)}</span></p>",
+             queue_chart(h)]
+    parts.append(_table(
+        ["group", "jobs", "core-hours", "GPU-hours", "run time", "queue wait", "mean wait"],
+        [[e(g), str(x.jobs), e(hours(x.core_hours)), e(hours(x.gpu_hours)),
+          e(seconds(x.run_seconds)), e(seconds(x.queue_wait_seconds)),
+          e(seconds(x.mean_queue_wait_seconds))] for g, x in summary.by_group.items()],
+        {1, 2, 3, 4, 5, 6}))
+    parts.append("<details><summary>Every batch job</summary>" + _table(
+        ["job", "group", "state", "cores", "GPUs", "submitted", "queue wait", "run time",
+         "core-hours", "GPU-hours", "source"],
+        [[e(u.job_id), e(u.group), e(u.state), str(u.cores),
+          f"{u.gpus}" + ("" if u.gpu_source == u.source or not u.gpus
+                         else f" ({e(u.gpu_source)})"),
+          e(when(u.submitted_at)), e(seconds(u.queue_wait_seconds)),
+          e(seconds(u.run_seconds)), e(hours(u.core_hours)), e(hours(u.gpu_hours)),
+          e(u.source) + ("" if u.final else " (provisional)")]
+         for u in sorted(h.usage, key=lambda u: (u.submitted_at or 0.0, u.job_id))],
+        {3, 4, 6, 7, 8, 9}) + "</details>")
+    return parts
+
+
+def _computation_row(c: Computation, report: str | None = None) -> list[str]:
     colour = STATE_COLOURS.get(c.state, "#868e96")
     return [str(c.seq), e(when(c.start)), e(seconds(c.duration)),
             f'<span class="swatch" style="background:{colour}"></span> {e(c.state)}',
@@ -206,7 +293,15 @@ def _computation_row(c: Computation) -> list[str]:
             e(seconds(c.compute_seconds)), e(size(c.bytes_transferred)),
             e(size(c.worker_memory_peak)),
             e(c.label) + (f'<br><span class="muted">{e(c.code_location)}</span>'
-                          if c.code_location else "")]
+                          if c.code_location else "")
+            + (f'<br><a href="{e(report)}">Dask performance report</a>' if report else "")]
+
+
+def _report_link(h: ClusterHistory, computation: str) -> str | None:
+    """The file URI of a computation's performance report: absolute, so the link works
+    wherever this page is written (`-o`)."""
+    path = h.report_of(computation)
+    return path.resolve().as_uri() if path is not None else None
 
 
 def render(h: ClusterHistory) -> str:
@@ -219,6 +314,12 @@ def render(h: ClusterHistory) -> str:
                ("scheduler", runs or "-"), ("computations", str(len(h.computations))),
                ("tasks", f"{h.tasks} done, {h.erred} erred"), ("workers", str(len(h.workers))),
                ("history file", str(h.file.path))]
+    if h.usage:
+        used = h.usage_summary().total
+        summary.insert(7, ("usage", f"{hours(used.core_hours)} core-hours, "
+                                    f"{hours(used.gpu_hours)} GPU-hours in {used.jobs} batch "
+                                    f"jobs; mean queue wait "
+                                    f"{seconds(used.mean_queue_wait_seconds)}"))
     parts = [f"<h1>{e(title)}</h1>",
              "<dl>" + "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in summary) + "</dl>",
              "<h2>Timeline</h2>", timeline(h), activity(h),
@@ -226,7 +327,8 @@ def render(h: ClusterHistory) -> str:
     if h.computations:
         parts.append(_table(["#", "start", "duration", "state", "tasks", "erred", "task time",
                              "transferred", "worker memory peak", "what"],
-                            [_computation_row(c) for c in h.computations], {0, 4, 5, 6, 7, 8}))
+                            [_computation_row(c, _report_link(h, c.id))
+                             for c in h.computations], {0, 4, 5, 6, 7, 8}))
     else:
         parts.append('<p class="muted">No computation recorded.</p>')
     prefixes = h.prefix_totals()
@@ -243,6 +345,12 @@ def render(h: ClusterHistory) -> str:
              for p in prefixes[:50]], {1, 2, 3, 4, 5, 6, 7, 8}))
     else:
         parts.append('<p class="muted">No task ran.</p>')
+    parts.append("<h2>Batch jobs: queue waits and usage</h2>")
+    parts += usage_section(h)
+    if h.reports:
+        parts.append(f"<h2>Dask performance reports ({len(h.reports)})</h2>")
+        parts.append("<p>" + ", ".join(f'<a href="{e(p.resolve().as_uri())}">{e(p.name)}</a>'
+                                       for p in h.reports) + "</p>")
     parts.append(f"<h2>Errors ({len(h.errors)})</h2>")
     if h.errors:
         seq = {c.id: c.seq for c in h.computations}

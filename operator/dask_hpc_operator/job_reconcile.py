@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from hpc_bridge.allocation import render_allocation
 from hpc_bridge.backends.base import BatchSystemError
-from hpc_bridge.model import JobRequest, JobState, ObservedJob, RunnerCommand
+from hpc_bridge.model import JobRequest, JobState, ObservedJob, RunnerCommand, TLSFiles
 from hpc_bridge.poller import BatchedPoller, BatchSystemUnavailable
 from hpc_bridge.scripts import RenderContext, render_runner
 
+from . import tls
 from .constants import (
     API_VERSION,
     KIND_CLUSTER,
@@ -30,9 +31,9 @@ from .constants import (
     MANAGER_NAME,
 )
 from .job_planning import ChildView, JobModel, JobPlan, plan_job
-from .planning import rejected_status
-from .reconcile import EventSink, Runtime, _no_events, now_iso, unavailable_status
-from .validation import ManifestError, validate
+from .policy import admit
+from .reconcile import EventSink, Runtime, _no_events, now_iso, refused, unavailable_status
+from .validation import ManifestError
 
 
 class ClusterStore(Protocol):
@@ -103,9 +104,19 @@ class JobReconciler:
         return RunnerCommand(argv=argv, output_file=str(paths.output),
                              exit_code_file=str(paths.exit_code), working_dir=model.working_dir)
 
-    def render_request(self, model: JobModel, scheduler_address: str = "") -> JobRequest:
+    def child_tls(self, model: JobModel, child_doc: dict[str, Any] | None) -> TLSFiles | None:
+        """The credentials of the job's DaskCluster (`protocol: tls`), where that cluster's
+        reconcile keeps them (its staging directory, by its uid), for the runner's client."""
+        uid = ((child_doc or {}).get("metadata") or {}).get("uid")
+        if model.mode != "cluster" or not uid \
+                or not tls.needs_tls([model.cluster_spec["scheduler"]["protocol"]]):
+            return None
+        return tls.tls_files(self.runtime.staging_dir(model.namespace, model.name, str(uid)))
+
+    def render_request(self, model: JobModel, scheduler_address: str = "",
+                       child_tls: TLSFiles | None = None) -> JobRequest:
         paths = self.paths(model)
-        ctx = self._context(model, paths)
+        ctx = replace(self._context(model, paths), tls=child_tls)
         command = self._command(model, paths)
         identity = model.identity(0)
         if model.mode == "allocation":
@@ -116,7 +127,7 @@ class JobReconciler:
 
     def render(self, manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], JobRequest]:
         """What a fresh DaskJob would create (for `dask-hpc render`)."""
-        valid = validate(manifest)
+        valid = admit(manifest, self.runtime.site)
         model = JobModel.from_manifest(valid, self.runtime.site)
         children = [child_manifest(model, valid)] if model.mode == "cluster" else []
         return children, self.render_request(model)
@@ -125,13 +136,11 @@ class JobReconciler:
                         store: ClusterStore, events: EventSink = _no_events) -> dict[str, Any]:
         old_conditions = old_status.get("conditions") or []
         try:
-            valid = validate(manifest)
+            valid = admit(manifest, self.runtime.site)
             model = JobModel.from_manifest(valid, self.runtime.site)
-            poller = self.runtime.poller(model.backend)
+            poller = self.runtime.poller(model.backend, model.namespace)
         except ManifestError as exc:
-            if old_status.get("message") != str(exc):
-                events("Warning", "InvalidSpec", str(exc))
-            return rejected_status(str(exc), old_conditions, now_iso())
+            return refused(exc, old_status, events)
         paths = self.paths(model)
         async with self.runtime.lock(model.uid):
             try:
@@ -144,7 +153,8 @@ class JobReconciler:
             child = ChildView.of(child_doc, model.uid) if child_doc is not None else None
             plan = plan_job(model, old_status, jobs, child, read_exit_code(paths.exit_code),
                             now_iso())
-            await self._act(model, valid, paths, plan, child, store, poller, events)
+            await self._act(model, valid, paths, plan, child, store, poller, events,
+                            self.child_tls(model, child_doc))
         status: dict[str, Any] = {**plan.status, "outputFile": str(paths.output),
                                   "observedGeneration": valid["metadata"].get("generation")}
         if model.mode == "cluster":
@@ -157,7 +167,8 @@ class JobReconciler:
 
     async def _act(self, model: JobModel, manifest: dict[str, Any], paths: JobPaths,
                    plan: JobPlan, child: ChildView | None, store: ClusterStore,
-                   poller: BatchedPoller, events: EventSink) -> None:
+                   poller: BatchedPoller, events: EventSink,
+                   child_tls: TLSFiles | None = None) -> None:
         if plan.cancel:
             with contextlib.suppress(BatchSystemError):
                 await poller.backend.cancel(plan.cancel)
@@ -169,11 +180,11 @@ class JobReconciler:
             events("Normal", "ClusterCreated", f"created DaskCluster {model.name}")
         if plan.submit is None:
             return
-        paths.logs.mkdir(parents=True, exist_ok=True)
+        self.runtime.make_staging(model.namespace, paths.staging, paths.logs)
         if model.script is not None:
             paths.script.write_text(model.script)
         address = child.scheduler_address if child is not None else None
-        request = self.render_request(model, address or "")
+        request = self.render_request(model, address or "", child_tls)
         try:
             job_id = await poller.backend.submit(request)
         except BatchSystemError as exc:
@@ -198,7 +209,8 @@ class JobReconciler:
         backend_kind = ((manifest.get("spec") or {}).get("cluster") or {}).get("backend") \
             or self.runtime.site.backend
         remaining = await self.runtime.end_jobs(
-            meta["uid"], [backend_kind], lambda j: j.identity.owner_uid == meta["uid"])
+            meta["uid"], [backend_kind], lambda j: j.identity.owner_uid == meta["uid"],
+            namespace)
         if not remaining and not keep_output:
             shutil.rmtree(self.runtime.staging_dir(namespace, meta["name"], meta["uid"], "jobs"),
                           ignore_errors=True)

@@ -48,6 +48,7 @@ from hpc_bridge.model import JobState, Role
 
 from .constants import KIND_AUTOSCALER, KIND_CLUSTER, KIND_JOB, KIND_WORKER_GROUP, NAMES
 from .reconcile import Runtime
+from .usage import UsageTotals
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ SUBMIT_COMMANDS = ("sbatch", "qsub")
 CANCEL_COMMANDS = ("scancel", "qdel")
 
 Handler = Callable[..., Awaitable[Any]]
+LABELS = ["namespace", "cluster", "group"]  # of the per-cluster usage families
 _KIND_OF_PLURAL = {names[0]: kind for kind, names in NAMES.items()}
 
 
@@ -92,6 +94,7 @@ class OperatorMetrics(Collector):
         self._resources: dict[tuple[str, str, str], _Observed] = {}  # (kind, ns, name)
         self._reconciles: collections.Counter[str] = collections.Counter()
         self._errors: collections.Counter[str] = collections.Counter()
+        self._counted: dict[tuple[str, ...], float] = {}  # usage counters' last values
 
     # -- what the handlers report ---------------------------------------------------------
 
@@ -154,6 +157,7 @@ class OperatorMetrics(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._resource_metrics()
         yield from self._batch_metrics()
+        yield from self._usage_metrics()
 
     def _resource_metrics(self) -> Iterator[Metric]:
         with self._lock:
@@ -251,6 +255,51 @@ class OperatorMetrics(Collector):
             if snapshot.taken_at > 0:
                 age.add_metric([kind], max(0.0, now - snapshot.taken_at))
         yield from (jobs, polls, failing, age)
+
+    def _monotonic(self, key: tuple[str, ...], value: float) -> float:
+        """A counter never goes down: a running job is counted up to the latest accounting
+        query, and its final record may end it a little earlier than that."""
+        with self._lock:
+            value = max(value, self._counted.get(key, 0.0))
+            self._counted[key] = value
+        return value
+
+    def _usage_metrics(self) -> Iterator[Metric]:
+        """What clusters used, from the usage ledger (usage.py): per live cluster and group,
+        and per namespace including clusters deleted since the operator started."""
+        ledger = self.runtime.usage_ledger
+        core = CounterMetricFamily(
+            PREFIX + "cluster_core_hours", "Core-hours of a cluster's batch jobs (cores x run "
+            "time, from sacct/qstat; see status.usage), by group", labels=LABELS)
+        gpu = CounterMetricFamily(
+            PREFIX + "cluster_gpu_hours", "GPU-hours of a cluster's batch jobs (the batch "
+            "system's GPU count, else the request), by group", labels=LABELS)
+        wait = SummaryMetricFamily(
+            PREFIX + "cluster_queue_wait_seconds", "Queue wait (start - submit) of a "
+            "cluster's batch jobs: count of jobs and seconds waited in all, by group",
+            labels=LABELS)
+        ns_core = CounterMetricFamily(
+            PREFIX + "namespace_core_hours", "Core-hours of a namespace's clusters, deleted "
+            "ones included (since the operator started)", labels=["namespace"])
+        ns_gpu = CounterMetricFamily(
+            PREFIX + "namespace_gpu_hours", "GPU-hours of a namespace's clusters, deleted "
+            "ones included (since the operator started)", labels=["namespace"])
+        if ledger is not None:
+            namespaces = dict(ledger.retired)
+            for entry in list(ledger.clusters.values()):
+                summary = entry.summary()
+                namespaces[entry.namespace] = namespaces.get(
+                    entry.namespace, UsageTotals()).plus(summary.total)
+                for group, t in summary.by_group.items():
+                    labels = [entry.namespace, entry.name, group]
+                    key = (entry.uid, group)
+                    core.add_metric(labels, self._monotonic(("core", *key), t.core_hours))
+                    gpu.add_metric(labels, self._monotonic(("gpu", *key), t.gpu_hours))
+                    wait.add_metric(labels, t.waited_jobs, t.queue_wait_seconds)
+            for ns, t in sorted(namespaces.items()):
+                ns_core.add_metric([ns], self._monotonic(("ns-core", ns), t.core_hours))
+                ns_gpu.add_metric([ns], self._monotonic(("ns-gpu", ns), t.gpu_hours))
+        yield from (core, gpu, wait, ns_core, ns_gpu)
 
     def registry(self) -> CollectorRegistry:
         """A registry of its own (not prometheus_client's global one, so that tests and

@@ -82,6 +82,9 @@ class ClusterModel:
     groups: tuple[GroupModel, ...]
     mode: str = "jobs"  # jobs | allocation (scheduler and default workers in one MPI job)
     idle_timeout: int = 0  # seconds without tasks before the cluster deletes itself
+    # spec.diagnostics.performanceReport: the scheduler writes Dask's performance report
+    # of every computation (hpc_bridge.preloads.performance)
+    performance_report: bool = False
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], site: SiteConfig) -> ClusterModel:
@@ -103,6 +106,7 @@ class ClusterModel:
             groups=(default,),
             mode=spec.get("mode", "jobs"),
             idle_timeout=spec.get("idleTimeout", 0),
+            performance_report=bool((spec.get("diagnostics") or {}).get("performanceReport")),
         )
 
     @property

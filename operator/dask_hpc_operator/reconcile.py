@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,11 @@ from hpc_bridge.backends.slurm import SlurmBackend
 from hpc_bridge.model import JobIdentity, JobRequest, JobState, ObservedJob, Role
 from hpc_bridge.poller import BatchedPoller, BatchSystemUnavailable
 from hpc_bridge.preloads import history as history_preload
+from hpc_bridge.preloads import performance as performance_preload
 from hpc_bridge.preloads import scaling as scaling_preload
 from hpc_bridge.scripts import LISTENERS_PRELOAD, RenderContext, render, render_worker
 
-from . import dask_rpc, history, job_logs
+from . import dask_rpc, history, job_logs, tls
 from .autoscaling import idle_expired
 from .model import ClusterModel, GroupModel
 from .planning import (
@@ -36,14 +37,27 @@ from .planning import (
     DaskView,
     FailurePolicy,
     Plan,
+    SchedulerRecovery,
     cluster_status,
     group_status,
+    group_workers_of,
     plan_cluster,
     plan_group,
     rejected_status,
 )
+from .policy import (
+    POLICY_VIOLATION,
+    PolicyError,
+    admit,
+    make_staging,
+    policy_for,
+    submit_prefix,
+)
 from .site_config import SiteConfig
 from .status_events import emit, status_events
+from .usage import Requested, requested_of
+from .usage import status_of as usage_status
+from .usage_ledger import UsageLedger
 from .validation import ManifestError, validate
 
 log = logging.getLogger(__name__)
@@ -53,8 +67,10 @@ SUBMIT_CONCURRENCY = 8
 # handler, and the computation history (`dask-hpc history`).
 SCALING_PRELOAD = Path(scaling_preload.__file__).read_text()
 SCALING_PRELOAD_NAME = "dask_hpc_scaling.py"
+PERFORMANCE_PRELOAD_NAME = "dask_hpc_performance.py"  # only with performanceReport
 SCHEDULER_PRELOADS = {SCALING_PRELOAD_NAME: SCALING_PRELOAD,
-                      "dask_hpc_history.py": Path(history_preload.__file__).read_text()}
+                      "dask_hpc_history.py": Path(history_preload.__file__).read_text(),
+                      PERFORMANCE_PRELOAD_NAME: Path(performance_preload.__file__).read_text()}
 
 EventSink = Callable[[str, str, str], None]  # (type: Normal|Warning, reason, message)
 
@@ -70,8 +86,51 @@ def unavailable_status(exc: Exception, old_conditions: list[Any]) -> dict[str, A
             "conditions": old_conditions}
 
 
+BATCH_CONDITION = "BatchSystemReachable"
+
+
+def outage_status(exc: Exception, old_conditions: list[Any],
+                  events: EventSink) -> dict[str, Any]:
+    """unavailable_status plus a `BatchSystemReachable: False` condition beside the others
+    (its lastTransitionTime says since when), and one Warning event when the outage is
+    first seen. Nothing is planned on a view that may be stale: the phase, the counts and
+    the jobs stay as they were until the batch system answers again (the poller backs off
+    meanwhile), and the next full status drops the condition."""
+    status = unavailable_status(exc, old_conditions)
+    before = next((c for c in old_conditions if c.get("type") == BATCH_CONDITION), None)
+    if before is None or before.get("status") != "False":
+        events("Warning", "BatchSystemUnavailable", status["message"])
+    condition = {"type": BATCH_CONDITION, "status": "False", "reason": "Unreachable",
+                 "message": status["message"],
+                 "lastTransitionTime": (before or {}).get("lastTransitionTime") or now_iso()}
+    status["conditions"] = [c for c in old_conditions if c.get("type") != BATCH_CONDITION] \
+        + [condition]
+    return status
+
+
+def _recovered(old_conditions: list[Any], events: EventSink) -> None:
+    if any(c.get("type") == BATCH_CONDITION for c in old_conditions):
+        events("Normal", BATCH_CONDITION, "the batch system answers again")
+
+
+def _recorded_restarts(old_status: dict[str, Any]) -> int:
+    value = old_status.get("schedulerRestarts")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def _no_events(_type: str, _reason: str, _message: str) -> None:
     pass
+
+
+def refused(exc: ManifestError, old_status: dict[str, Any], events: EventSink) -> dict[str, Any]:
+    """The one refusal path, for a manifest that is invalid (InvalidSpec) or that its
+    namespace's policy does not allow (PolicyViolation): a Warning event when the reason is
+    new and a status that says why. The caller submits and cancels nothing, so jobs of an
+    earlier accepted spec keep running."""
+    reason = POLICY_VIOLATION if isinstance(exc, PolicyError) else "InvalidSpec"
+    if old_status.get("message") != str(exc):
+        events("Warning", reason, str(exc))
+    return rejected_status(str(exc), old_status.get("conditions") or [], now_iso(), reason)
 
 
 def _spec_changed(manifest: dict[str, Any], old_status: dict[str, Any]) -> bool:
@@ -88,62 +147,145 @@ def error_tails(backend: str, ctx: RenderContext, plan: Plan) -> dict[str, str]:
             for f in plan.failures}
 
 
+Prefix = tuple[str, ...]  # a submitting identity: the command prefix of batch commands
+
+
 @dataclass
 class Runtime:
-    """Process-wide state shared by all reconciles: backends and their pollers."""
+    """Process-wide state shared by all reconciles: backends and their pollers.
+
+    There is one backend and one poller per (backend kind, submitting identity), so a
+    namespace whose policy submits under its own identity (policy `submitAs`, e.g. `sudo -u
+    alice`) has its jobs submitted, listed and cancelled as that user (an `squeue --me` as
+    alice lists alice's jobs), and the poll stays shared: one squeue per identity per period,
+    whatever the number of clusters. The site's own identity (its submitPrefix) is keyed by
+    kind alone in `backends`/`pollers`; other identities by (kind, prefix) in
+    `identity_backends`/`identity_pollers`. The local backend runs processes itself: it has
+    no identity."""
 
     site: SiteConfig
     backends: dict[str, Backend] = field(default_factory=dict)
     pollers: dict[str, BatchedPoller] = field(default_factory=dict)
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    usage_ledger: UsageLedger | None = None  # see usage()
+    identity_backends: dict[tuple[str, Prefix], Backend] = field(default_factory=dict)
+    identity_pollers: dict[tuple[str, Prefix], BatchedPoller] = field(default_factory=dict)
 
-    def backend(self, kind: str) -> Backend:
-        if kind not in self.backends:
-            if kind == "slurm":
-                runner = CommandRunner(self.site.submit_prefix, self.site.command_timeout)
-                self.backends[kind] = SlurmBackend(runner, all_users=self.site.squeue_all_users)
-            elif kind == "pbs":
-                runner = CommandRunner(self.site.submit_prefix, self.site.command_timeout)
-                self.backends[kind] = PbsBackend(
-                    runner, name_limit=self.site.pbs_job_name_limit, arrays=self.site.pbs_arrays,
-                    max_array_size=self.site.pbs_max_array_size)
-            elif kind == "local":
-                self.backends[kind] = LocalBackend(Path(self.site.staging_dir) / "local-jobs")
-            else:
-                raise ManifestError("spec.backend", f"backend {kind!r} is not available in "
-                                    "this operator", "use slurm, pbs or local")
-        return self.backends[kind]
+    def _own(self, kind: str, prefix: Prefix | None) -> bool:
+        return prefix is None or kind == "local" or prefix == self.site.submit_prefix
 
-    def poller(self, kind: str) -> BatchedPoller:
-        if kind not in self.pollers:
-            self.pollers[kind] = BatchedPoller(self.backend(kind), self.site.min_poll_interval)
-        return self.pollers[kind]
+    def prefix(self, namespace: str | None) -> Prefix:
+        """The identity of a namespace's jobs (no namespace: the site's submitPrefix)."""
+        return submit_prefix(self.site, namespace)
+
+    def _new_backend(self, kind: str, prefix: Prefix) -> Backend:
+        if kind == "slurm":
+            runner = CommandRunner(prefix, self.site.command_timeout)
+            return SlurmBackend(runner, all_users=self.site.squeue_all_users)
+        if kind == "pbs":
+            runner = CommandRunner(prefix, self.site.command_timeout)
+            return PbsBackend(runner, name_limit=self.site.pbs_job_name_limit,
+                              arrays=self.site.pbs_arrays,
+                              max_array_size=self.site.pbs_max_array_size)
+        if kind == "local":
+            return LocalBackend(Path(self.site.staging_dir) / "local-jobs")
+        raise ManifestError("spec.backend", f"backend {kind!r} is not available in "
+                            "this operator", "use slurm, pbs or local")
+
+    def backend(self, kind: str, namespace: str | None = None) -> Backend:
+        """The backend a namespace's jobs go through (no namespace: the site's identity)."""
+        return self.backend_as(kind, self.prefix(namespace) if namespace is not None else None)
+
+    def backend_as(self, kind: str, prefix: Prefix | None) -> Backend:
+        if self._own(kind, prefix):
+            if kind not in self.backends:
+                self.backends[kind] = self._new_backend(kind, self.site.submit_prefix)
+            return self.backends[kind]
+        assert prefix is not None
+        key = (kind, prefix)
+        if key not in self.identity_backends:
+            self.identity_backends[key] = self._new_backend(kind, prefix)
+        return self.identity_backends[key]
+
+    def poller(self, kind: str, namespace: str | None = None) -> BatchedPoller:
+        """The shared poller of a namespace's identity (no namespace: the site's)."""
+        return self.poller_as(kind, self.prefix(namespace) if namespace is not None else None)
+
+    def poller_as(self, kind: str, prefix: Prefix | None) -> BatchedPoller:
+        if self._own(kind, prefix):
+            if kind not in self.pollers:
+                self.pollers[kind] = BatchedPoller(self.backend_as(kind, None),
+                                                   self.site.min_poll_interval)
+            return self.pollers[kind]
+        assert prefix is not None
+        key = (kind, prefix)
+        if key not in self.identity_pollers:
+            self.identity_pollers[key] = BatchedPoller(self.backend_as(kind, prefix),
+                                                       self.site.min_poll_interval)
+        return self.identity_pollers[key]
+
+    def pollers_in_use(self) -> list[tuple[str, BatchedPoller]]:
+        """(kind, poller) of every identity that has one."""
+        return [*self.pollers.items(),
+                *((kind, p) for (kind, _), p in self.identity_pollers.items())]
+
+    def sweep_pollers(self) -> list[tuple[str, BatchedPoller]]:
+        """What the orphan sweep polls: every poller in use, and the site backend's under
+        every identity the policy names (after a restart, jobs of an identity no reconcile
+        has used yet may be orphans too)."""
+        prefixes = [None, *(p.submit_as for p in self.site.namespaces.values()
+                            if p.submit_as is not None)]
+        for prefix in prefixes:
+            self.poller_as(self.site.backend, prefix)
+        return self.pollers_in_use()
 
     def lock(self, uid: str) -> asyncio.Lock:
         return self.locks.setdefault(uid, asyncio.Lock())
 
-    async def end_jobs(self, uid: str, kinds: list[str],
-                       mine: Callable[[ObservedJob], bool]) -> list[str]:
+    def usage(self) -> UsageLedger:
+        """Every cluster's usage accounting, and the accounting collectors (one per
+        backend, asking at most every usageInterval)."""
+        if self.usage_ledger is None:
+            self.usage_ledger = UsageLedger(self.site.usage_interval)
+        return self.usage_ledger
+
+    async def end_jobs(self, uid: str, kinds: list[str], mine: Callable[[ObservedJob], bool],
+                       namespace: str | None = None) -> list[str]:
         """Deletion's one mechanism: cancel every live job `mine` selects on these backends,
-        under the owner's lock, and return the ids not yet finished (empty when done).
-        ENDING counts as unfinished: a job is gone only once its processes are.
+        as the namespace's identity, under the owner's lock, and return the ids not yet
+        finished (empty when done). ENDING counts as unfinished: a job is gone only once
+        its processes are."""
+        return await self.end_jobs_on(uid, [self.poller(kind, namespace)
+                                            for kind in dict.fromkeys(kinds)], mine)
+
+    async def end_jobs_on(self, uid: str, pollers: list[BatchedPoller],
+                          mine: Callable[[ObservedJob], bool]) -> list[str]:
+        """end_jobs on these pollers (each job is cancelled once, by the first poller that
+        lists it: with squeueAllUsers, two identities may see the same job).
 
         Snapshots come from the shared poller within its minimum interval, not a fresh
         query per deletion: deleting 50 clusters at once costs one squeue per period, not
         100 (jobs submitted since the snapshot are in it already, recorded at submission)."""
         remaining: list[str] = []
+        cancelled: set[str] = set()
         async with self.lock(uid):
-            for kind in dict.fromkeys(kinds):
-                poller = self.poller(kind)
+            for poller in dict.fromkeys(pollers):
                 snapshot = await poller.get()
-                live = [j.job_id for j in snapshot.jobs.values() if mine(j) and j.state.live]
+                live = [j.job_id for j in snapshot.jobs.values()
+                        if mine(j) and j.state.live and j.job_id not in cancelled]
                 if live:
                     await poller.backend.cancel(live)
                     poller.record_cancelled(live)
+                    cancelled.update(live)
                     snapshot = await poller.get()
                 remaining += [j.job_id for j in snapshot.jobs.values()
-                              if mine(j) and not j.state.terminal]
+                              if mine(j) and not j.state.terminal and j.job_id not in remaining]
         return remaining
+
+    def make_staging(self, namespace: str, *paths: Path) -> None:
+        """Create a resource's staging directories, shared with the namespace's identity
+        where its policy names a stagingGroup (policy.make_staging)."""
+        make_staging(list(paths), policy_for(self.site, namespace))
 
     def staging_dir(self, namespace: str, name: str, uid: str, kind: str = "clusters") -> Path:
         # The uid keeps a re-created cluster of the same name away from its predecessor's
@@ -155,6 +297,29 @@ class ClusterReconciler:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
+    def _tls_allowed(self, model: ClusterModel) -> None:
+        """A TLS cluster's keys belong to the operator's account (0700/0600): jobs run as
+        another user (the namespace policy's submitAs) could not read them."""
+        policy = policy_for(self.runtime.site, model.namespace)
+        if tls.needs_tls(model.protocols) and policy is not None and policy.submit_as:
+            raise PolicyError("spec.scheduler.protocol", "TLS is not available in namespace "
+                              f"{model.namespace}, whose jobs run as another user: they "
+                              "could not read the cluster's keys", "use protocol: tcp here",
+                              "submitAs", model.namespace)
+
+    @staticmethod
+    def _ensure_tls(model: ClusterModel, ctx: RenderContext) -> str:
+        """A TLS cluster's credentials exist before any job is rendered (its scripts name
+        the files); idempotent (tls.ensure_cluster_credentials). The problem, if any."""
+        if ctx.tls is None:
+            return ""
+        try:
+            tls.ensure_cluster_credentials(Path(ctx.scheduler_file).parent, model.namespace,
+                                           model.name, model.uid)
+        except OSError as exc:
+            return f"cannot write the cluster's TLS credentials: {exc}"
+        return ""
+
     def _context(self, model: ClusterModel) -> RenderContext:
         staging = self.runtime.staging_dir(model.namespace, model.name, model.uid)
         return RenderContext(
@@ -165,47 +330,78 @@ class ClusterReconciler:
             protocols=model.protocols,
             site_prologue=self.runtime.site.prologue,
             death_timeout=self.runtime.site.worker_death_timeout,
-            scheduler_preloads=tuple(str(staging / name) for name in SCHEDULER_PRELOADS),
+            scheduler_preloads=tuple(str(staging / name) for name in SCHEDULER_PRELOADS
+                                     if name != PERFORMANCE_PRELOAD_NAME
+                                     or model.performance_report),
+            tls=tls.tls_files(staging) if tls.needs_tls(model.protocols) else None,
         )
 
-    def render_all(self, manifest: dict[str, Any]) -> list[JobRequest]:
-        """The scripts a fresh cluster would submit (for `dask-hpc render`)."""
-        model = ClusterModel.from_manifest(validate(manifest), self.runtime.site)
+    def render_all(self, manifest: dict[str, Any],
+                   groups: Sequence[dict[str, Any]] = ()) -> list[JobRequest]:
+        """The scripts a fresh cluster would submit (for `dask-hpc render`); refused like
+        the reconcile refuses (policy included)."""
+        model = ClusterModel.from_manifest(admit(manifest, self.runtime.site, groups=groups),
+                                           self.runtime.site)
         plan = plan_cluster(model, [], None, now=time.time())
         ctx = self._context(model)
         sched = [self._render_scheduler(model, ctx, i) for i in plan.submit
                  if i.role in SCHEDULER_ROLES]
         workers = [i for i in plan.submit if i.role is Role.WORKER]
         return sched + self._worker_requests(model, ctx, workers, self.runtime.backend(
-            model.backend))
+            model.backend, model.namespace))
 
     async def reconcile(self, manifest: dict[str, Any], old_status: dict[str, Any],
-                        events: EventSink = _no_events) -> dict[str, Any]:
+                        events: EventSink = _no_events,
+                        groups: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+        """`groups`: the cluster's DaskWorkerGroups, where the caller knows them, so that
+        the policy's totals (maxWorkers, maxCores, maxGpus) count the whole cluster."""
         old_conditions = old_status.get("conditions") or []
         try:
-            valid = validate(manifest)
+            valid = admit(manifest, self.runtime.site, groups=groups)
             model = ClusterModel.from_manifest(valid, self.runtime.site)
-            poller = self.runtime.poller(model.backend)
+            self._tls_allowed(model)
+            poller = self.runtime.poller(model.backend, model.namespace)
         except ManifestError as exc:
             # Refuse, and touch nothing: jobs of an earlier valid spec keep running.
-            if old_status.get("message") != str(exc):
-                events("Warning", "InvalidSpec", str(exc))
-            return rejected_status(str(exc), old_conditions, now_iso())
+            return refused(exc, old_status, events)
         async with self.runtime.lock(model.uid):
             try:
                 snapshot = await poller.get()
             except BatchSystemUnavailable as exc:
-                return unavailable_status(exc, old_conditions)
+                return outage_status(exc, old_conditions, events)
+            _recovered(old_conditions, events)
             jobs = snapshot.owned_by(model.uid)
             ctx = self._context(model)
+            problem = self._ensure_tls(model, ctx)
+            if problem:
+                return {"message": problem, "conditions": old_conditions}
             live_sched = any(j.identity.role in SCHEDULER_ROLES and j.state is JobState.RUNNING
                              for j in jobs)
-            dask = await dask_rpc.observe(ctx.scheduler_file, self._groups_query(model, jobs)) \
-                if live_sched else None
+            dask = await dask_rpc.observe(ctx.scheduler_file, self._groups_query(model, jobs),
+                                          tls.security_for(ctx.tls)) if live_sched else None
             plan = plan_cluster(model, jobs, dask, old_status.get("schedulerJobId"),
                                 now=time.time(), spec_changed=_spec_changed(manifest, old_status),
-                                policy=FailurePolicy.of(self.runtime.site))
+                                policy=FailurePolicy.of(self.runtime.site),
+                                recovery=SchedulerRecovery.of(valid["spec"]),
+                                restarts=_recorded_restarts(old_status))
+            if plan.lost or plan.failed:
+                # The cluster's DaskWorkerGroups lost their scheduler too (a scan of every
+                # job, only while the scheduler is gone).
+                plan.cancel += group_workers_of(model, snapshot.jobs.values())
+            if plan.lost:
+                # Before anything else, so no worker submitted from now on (the groups'
+                # included) finds the dead scheduler's address.
+                dask_rpc.remove_stale_scheduler_files(ctx)
+                events("Warning", "SchedulerLost", f"{plan.lost}; restarting the scheduler "
+                       f"(restart {plan.restarts} of {plan.max_restarts})")
             notes = await self._act(model, ctx, plan, dask, poller, events)
+            if plan.lost:
+                new = [j.job_id for j in poller.snapshot.owned_by(model.uid)
+                       if j.identity.role is Role.SCHEDULER and j.state.live]
+                if new:
+                    events("Normal", "SchedulerRestarted",
+                           f"submitted scheduler job {new[0]} (restart {plan.restarts} of "
+                           f"{plan.max_restarts}) and new workers")
             plan.notes += notes
             if not plan.empty:
                 jobs = poller.snapshot.owned_by(model.uid)
@@ -219,11 +415,27 @@ class ClusterReconciler:
                                  "deleting the cluster")
             events("Normal", "IdleTimeout", status["message"])
         status["stagingDirectory"] = str(Path(ctx.scheduler_file).parent)
+        status["usage"] = await self._usage(model, poller, Path(ctx.scheduler_file).parent)
+        if ctx.tls is not None:
+            status["tls"] = tls.status_of(ctx.tls)
         status["observedGeneration"] = manifest.get("metadata", {}).get("generation")
         if not status.get("schedulerJobId"):
             status["schedulerJobId"] = old_status.get("schedulerJobId")
         emit(events, status_events(old_status, status))
         return status
+
+    async def _usage(self, model: ClusterModel, poller: BatchedPoller,
+                     staging: Path) -> dict[str, Any]:
+        """status.usage: the cluster's jobs and its DaskWorkerGroups' (told by their
+        reconciles), accounted at the collector's pace (usageInterval)."""
+        ledger = self.runtime.usage()
+        snapshot = poller.snapshot
+        jobs = [*snapshot.owned_by(model.uid),
+                *(j for g in ledger.group_uids(model.uid) for j in snapshot.owned_by(g))]
+        entry = await ledger.update(model.namespace, model.name, model.uid,
+                                    staging / history.USAGE_FILE, jobs, poller.backend,
+                                    requested_of(model))
+        return usage_status(entry.summary(), entry.as_of)
 
     async def _act(self, model: ClusterModel, ctx: RenderContext, plan: Plan,
                    dask: DaskView | None, poller: BatchedPoller,
@@ -234,7 +446,7 @@ class ClusterReconciler:
         if plan.retire and dask is not None:
             names = [n for r in plan.retire for n in r.worker_names]
             try:
-                retired = await dask_rpc.retire(dask.address, names)
+                retired = await dask_rpc.retire(dask.address, names, tls.security_for(ctx.tls))
             except (OSError, asyncio.TimeoutError) as exc:
                 retired = set()
                 notes.append(f"retiring workers failed ({exc}); they are kept")
@@ -279,7 +491,8 @@ class ClusterReconciler:
                                                     JobState.PENDING, "submitted"))
             submitted.append(job_id)
 
-        Path(ctx.log_dir).mkdir(parents=True, exist_ok=True)
+        self.runtime.make_staging(model.namespace, Path(ctx.scheduler_file).parent,
+                                  Path(ctx.log_dir))
         # Scheduler first: its file appears sooner, and workers wait for it anyway.
         for identity in [i for i in identities if i.role in SCHEDULER_ROLES]:
             dask_rpc.remove_stale_scheduler_files(ctx)
@@ -358,11 +571,25 @@ class ClusterReconciler:
                 and job.identity.cluster == meta["name"] and job.identity.role is Role.WORKER)
 
         remaining = await self.runtime.end_jobs(
-            uid, [spec.get("backend") or self.runtime.site.backend, *self.runtime.pollers], mine)
+            uid, [spec.get("backend") or self.runtime.site.backend, *self.runtime.pollers], mine,
+            namespace)
         if not remaining and whole_cluster:
             staging = self.runtime.staging_dir(namespace, meta["name"], uid)
+            # Keys are secrets: gone first, and never archived with the history.
+            tls.remove_credentials(staging)
+            # The final accounting records, now that every job has ended (one forced query;
+            # a record not final yet keeps the figures the poll gave, marked provisional).
+            # Its own jobs and its DaskWorkerGroups' (by uid: finished workers of an older
+            # namesake may still be listed).
+            owners = {uid, *self.runtime.usage().group_uids(uid)}
+            await self.runtime.usage().finish(
+                namespace, meta["name"], uid, staging / history.USAGE_FILE,
+                [j for _, p in self.runtime.pollers_in_use() for j in p.snapshot.jobs.values()
+                 if j.identity.owner_uid in owners],
+                self.runtime.backend(spec.get("backend") or self.runtime.site.backend,
+                                     namespace))
             # What the cluster computed outlives it (`dask-hpc history`): keep it first.
-            history.archive(staging / history.FILE_NAME, history.archive_path(
+            history.keep(staging, history.archive_path(
                 self.runtime.site.staging_dir, namespace, meta["name"], uid))
             shutil.rmtree(staging, ignore_errors=True)
         return remaining
@@ -373,12 +600,15 @@ class GroupReconciler(ClusterReconciler):
 
     async def reconcile_group(self, manifest: dict[str, Any], old_status: dict[str, Any],
                               cluster: dict[str, Any] | None,
-                              events: EventSink = _no_events) -> dict[str, Any]:
+                              events: EventSink = _no_events,
+                              groups: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+        """`groups`: the cluster's DaskWorkerGroups (this one may be among them), for the
+        policy's totals."""
         old_conditions = old_status.get("conditions") or []
         try:
-            valid = validate(manifest)
+            valid = admit(manifest, self.runtime.site, cluster=cluster, groups=groups)
         except ManifestError as exc:
-            return rejected_status(str(exc), old_conditions, now_iso())
+            return refused(exc, old_status, events)
         meta = valid["metadata"]
         group = GroupModel.from_worker(meta["name"], meta["uid"], valid["spec"]["worker"])
         cluster_name = valid["spec"]["cluster"]
@@ -386,19 +616,28 @@ class GroupReconciler(ClusterReconciler):
         problem, cmodel = self._cluster_problem(group, cluster_name, namespace, cluster)
         if cmodel is None:
             # No cluster to serve the group: end any jobs it still has (they are orphans).
-            await self.teardown(manifest)
+            try:
+                await self.teardown(manifest)
+            except BatchSystemUnavailable as exc:
+                return outage_status(exc, old_conditions, events)
             return group_status(group, [], None, Plan(), problem, old_conditions, now_iso())
         model = replace(cmodel, groups=(group,))
-        poller = self.runtime.poller(model.backend)
+        self.runtime.usage().link_group(cmodel.uid, group.owner_uid, group.name, Requested(
+            group.template.cores, group.template.gpus))
+        poller = self.runtime.poller(model.backend, namespace)
         async with self.runtime.lock(group.owner_uid):
             try:
                 snapshot = await poller.get()
             except BatchSystemUnavailable as exc:
-                return unavailable_status(exc, old_conditions)
+                return outage_status(exc, old_conditions, events)
+            _recovered(old_conditions, events)
             jobs = snapshot.owned_by(group.owner_uid)
             ctx = self._context(model)
+            # Normally the cluster's reconcile made them already; a group reconciled first
+            # must not submit workers whose scripts name files that do not exist yet.
+            problem = problem or self._ensure_tls(model, ctx)
             dask = await dask_rpc.observe(ctx.scheduler_file, self._groups_query(
-                model, jobs, (cmodel.groups[0], group)))
+                model, jobs, (cmodel.groups[0], group)), tls.security_for(ctx.tls))
             plan = Plan()
             if not problem:
                 plan_group(namespace, cluster_name, group, jobs, dask, plan, now=time.time(),
@@ -413,10 +652,10 @@ class GroupReconciler(ClusterReconciler):
         emit(events, status_events(old_status, status))
         return status
 
-    def render_group(self, manifest: dict[str, Any],
-                     cluster: dict[str, Any]) -> list[JobRequest]:
+    def render_group(self, manifest: dict[str, Any], cluster: dict[str, Any],
+                     groups: Sequence[dict[str, Any]] = ()) -> list[JobRequest]:
         """The scripts a fresh group of `cluster` would submit (for `dask-hpc render`)."""
-        valid = validate(manifest)
+        valid = admit(manifest, self.runtime.site, cluster=cluster, groups=groups)
         meta = valid["metadata"]
         group = GroupModel.from_worker(meta["name"], meta["uid"], valid["spec"]["worker"])
         cmodel = ClusterModel.from_manifest(validate(cluster), self.runtime.site)
@@ -424,7 +663,7 @@ class GroupReconciler(ClusterReconciler):
         plan = plan_group(cmodel.namespace, cmodel.name, group, [], None, Plan(),
                           now=time.time())
         return self._worker_requests(model, self._context(model), plan.submit,
-                                     self.runtime.backend(model.backend))
+                                     self.runtime.backend(model.backend, model.namespace))
 
     def _cluster_problem(self, group: GroupModel, name: str, namespace: str,
                          cluster: dict[str, Any] | None) -> tuple[str, ClusterModel | None]:
@@ -437,6 +676,9 @@ class GroupReconciler(ClusterReconciler):
         if (cluster.get("status") or {}).get("phase") == "Failed":
             return f"DaskCluster {name} has failed", cmodel
         protocol = group.template.protocol
+        if protocol and protocol != tls.PROTOCOL and tls.needs_tls(cmodel.protocols):
+            return (f"DaskCluster {name} uses TLS, which every worker must speak: remove "
+                    "spec.worker.cuda.protocol (GPU workers then connect over tls)", cmodel)
         if protocol and protocol not in cmodel.protocols:
             return (f"the scheduler of DaskCluster {name} does not listen on {protocol}: add "
                     f"{protocol} to its spec.scheduler.extraProtocols", cmodel)

@@ -161,6 +161,21 @@ async def test_graphs_sent_while_busy_join_the_running_computation(tmp_path: Pat
     assert c.duration >= 0.3
 
 
+async def test_tasks_a_later_graph_depends_on_are_submitted_once(tmp_path: Path) -> None:
+    """A graph names the tasks it depends on: those still running (sent by an earlier graph
+    of the same computation) are not counted as submitted again."""
+    path = staged_preload(tmp_path)
+    async with cluster(path, "w0") as client:
+        naps = client.map(time.sleep, [0.2] * 4, key=[f"nap-{i}" for i in range(4)])
+        after = client.map(lambda _: 1, naps, key=[f"after-{i}" for i in range(4)])
+        total = client.submit(sum, after, key="total-0")
+        assert await total == 4
+        await until(lambda: only(tmp_path).computations
+                    and only(tmp_path).computations[0].state == "finished", "a flush")
+    (c,) = only(tmp_path).computations
+    assert c.tasks_done == c.tasks_submitted == 9
+
+
 async def test_a_second_scheduler_appends_a_run(tmp_path: Path) -> None:
     """A replaced scheduler writes to the same file: runs and computations add up."""
     path = staged_preload(tmp_path)

@@ -876,3 +876,33 @@ async def test_reconcile_reports_a_qsub_error_and_records_nothing(fake: FakePbs,
     assert "qsub: Unknown queue" in str(status["message"])
     assert ("Warning", "SubmitFailed") in [(e[0], e[1]) for e in events]
     assert runtime.poller("pbs").snapshot.owned_by(UID) == []
+
+
+# --- usage records (hpc_bridge.accounting asks; tests/unit/test_usage.py reads them) -------
+
+async def test_usage_is_one_qstat_history_call_in_text(fake: FakePbs) -> None:
+    """All ids in one `qstat -x -f` (text: several ids work there on every version, JSON
+    returns only the first on OpenPBS after 23.06); a purged id is simply left out."""
+    finished = transcript("qstat-text-history-finished.txt")
+    purged = transcript("qstat-unknown-job.txt").retarget("256.sod-pbs", "9.mycluster")
+    fake.set("qstat-history", finished.stdout, purged.stderr, 153)
+    jobs = [ObservedJob(i, ident(), JobState.RUNNING)
+            for i in ("171390152.mycluster", "9.mycluster")]
+    found = await PbsBackend().usage(jobs)
+    assert fake.calls("qstat") == [["qstat", "-x", "-f", "171390152.mycluster", "9.mycluster"]]
+    (record,) = found.values()
+    assert (record.job_id, record.source, record.final, record.cores, record.elapsed) == (
+        "171390152.mycluster", "qstat", True, 1, 2.0)
+
+
+async def test_usage_without_job_history_asks_the_listing(fake: FakePbs) -> None:
+    fake.replay("qstat-history", transcript("qstat-history-disabled.txt"))
+    fake.replay("qstat-text", transcript("qstat-text-running.txt"))
+    backend = PbsBackend()
+    job_id = next(iter(parse_qstat_text(transcript("qstat-text-running.txt").stdout)))
+    found = await backend.usage([ObservedJob(job_id, ident(), JobState.RUNNING)])
+    assert [c[:3] for c in fake.calls("qstat")] == [["qstat", "-x", "-f"], ["qstat", "-f",
+                                                                           job_id]]
+    assert found[job_id].final is False and found[job_id].started_at is not None
+    await backend.usage([ObservedJob(job_id, ident(), JobState.RUNNING)])
+    assert fake.calls("qstat")[-1] == ["qstat", "-f", job_id]  # remembered

@@ -18,7 +18,7 @@ from hpc_bridge.backends.slurm import (
     parse_squeue,
     parse_state,
 )
-from hpc_bridge.model import JobIdentity, JobRequest, JobState, Role
+from hpc_bridge.model import JobIdentity, JobRequest, JobState, ObservedJob, Role
 
 C = "dask-hpc:v1:default:c1:uid-1"
 
@@ -405,3 +405,37 @@ async def test_runner_prefix_and_ssh_quoting(fake: FakeSlurm) -> None:
                                                            "'--format=%i|%T'"]
     assert CommandRunner(prefix=["sudo", "-u", "alice"])._argv(["scancel", "1"]) == [
         "sudo", "-u", "alice", "scancel", "1"]
+
+
+# --- usage records (hpc_bridge.accounting asks; tests/unit/test_usage.py parses) -----------
+
+async def test_usage_is_one_sacct_call_and_asks_the_completion_log_by_own_ids(
+        fake: FakeSlurm) -> None:
+    """With slurmdbd: ids as squeue prints them. Without (the completion log): an array
+    task by the id squeue showed for it while it ran (%A), never `<array>_<index>`, which
+    the log would answer with another task's record; a task never seen running is left
+    out. One sacct per query either way, and the mode is remembered."""
+    def job(job_id: str, raw: str | None = None) -> ObservedJob:
+        return ObservedJob(job_id, ident(), JobState.RUNNING,
+                           extra={"raw_job_id": raw} if raw else {})
+    jobs = [job("40"), job("41_0", "42"), job("41_1")]
+    fake.set("sacct", err="sacct: error: Slurm accounting storage is disabled\n", rc=1)
+    fake.set("sacct-completion",
+             "40|COMPLETED|2026-05-28T10:00:00|2026-05-28T10:00:00|2026-05-28T10:00:05|"
+             "2026-05-28T10:10:05|4||600\n"
+             "42|CANCELLED by 0|2026-05-28T10:00:00|2026-05-28T10:00:00|2026-05-28T10:00:06|"
+             "2026-05-28T10:05:06|2||300\n")
+    backend = SlurmBackend()
+    found = await backend.usage(jobs)
+    assert sorted(found) == ["40", "41_0"]  # keyed by our ids
+    assert (found["41_0"].job_id, found["41_0"].cores, found["41_0"].elapsed) == (
+        "41_0", 2, 300.0)
+    assert found["40"].source == "sacct-completion" and found["40"].gpus is None
+    first, second = fake.calls("sacct")
+    assert "--completion" not in first and first[-1] == "--jobs=40,41_0,41_1"
+    assert second[:2] == ["sacct", "--completion"] and "--allocations" in second
+    assert second[-1] == "--jobs=40,42"
+    await backend.usage(jobs)
+    assert len(fake.calls("sacct")) == 3  # straight to the completion log now
+    assert await backend.usage([job("41_1")]) == {}  # nothing to ask: no call
+    assert len(fake.calls("sacct")) == 3

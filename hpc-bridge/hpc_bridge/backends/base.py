@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from ..model import JobRequest, ObservedJob
+from ..model import JobAccounting, JobRequest, ObservedJob
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,12 @@ class Backend(Protocol):
 
     async def cancel(self, job_ids: Sequence[str]) -> None:
         """Cancel these jobs (one command for all of them). Unknown ids are not an error."""
+        ...
+
+    async def usage(self, jobs: Sequence[ObservedJob]) -> dict[str, JobAccounting]:
+        """The batch system's accounting records of these jobs, in ONE query, keyed by job
+        id (jobs it has no record of are left out; a failing query gives none). Jobs, not
+        ids: SLURM's completion log needs the raw id squeue showed for an array task."""
         ...
 
 

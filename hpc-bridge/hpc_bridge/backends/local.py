@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..model import JobIdentity, JobRequest, JobState, ObservedJob
+from ..model import JobAccounting, JobIdentity, JobRequest, JobState, ObservedJob
 
 # The wrapper is a constant: the script path and exit-file path arrive as positional
 # arguments, never spliced into shell text.
@@ -162,6 +162,23 @@ class LocalBackend:
                 continue
             jobs.append(job)
         return jobs
+
+    async def usage(self, jobs: Sequence[ObservedJob]) -> dict[str, JobAccounting]:
+        """What the job directories recorded: submitted when the script was written,
+        started when the pid was, ended at the exit status or the cancel. Local jobs take
+        what their request asked for, so cores and GPUs are left to the request."""
+        found = {}
+        for job in jobs:
+            job_dir = self.jobs_dir / job.job_id
+            observed = self._observe(job_dir) if job.job_id.isdigit() else None
+            if observed is None:
+                continue
+            final = observed.state.terminal
+            found[job.job_id] = JobAccounting(
+                job.job_id, "local", observed.state.value, final=final,
+                submitted_at=_mtime(job_dir / "script.sh"), started_at=observed.started_at,
+                ended_at=observed.ended_at if final else None)
+        return found
 
     @staticmethod
     def _expired(job_dir: Path) -> bool:

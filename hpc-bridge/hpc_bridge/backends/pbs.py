@@ -50,7 +50,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ..model import JobIdentity, JobRequest, JobState, ObservedJob
+from ..model import JobAccounting, JobIdentity, JobRequest, JobState, ObservedJob
 from .base import BatchSystemError, CommandRunner, with_departed
 
 log = logging.getLogger(__name__)
@@ -298,6 +298,54 @@ def observe(job_id: str, attrs: Mapping[str, Any]) -> ObservedJob | None:
     return ObservedJob(job_id, identity, state, reason, extra=extra, started_at=started)
 
 
+def flatten(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """`qstat -F json`'s nested resources (`"Resource_List": {"ncpus": 4}`) as `qstat -f`
+    text names them (`Resource_List.ncpus`), so one reader serves both outputs."""
+    flat: dict[str, Any] = {}
+    for key, value in attrs.items():
+        if isinstance(value, Mapping) and key != "Variable_List":
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_duration(value: Any) -> float | None:
+    """PBS's `[[HH:]MM:]SS` (hours may exceed 24: `123:04:05`) or plain seconds -> seconds."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    seconds = 0
+    try:
+        for part in str(value).strip().split(":"):
+            seconds = seconds * 60 + int(part)
+    except ValueError:
+        return None
+    return float(seconds)
+
+
+def accounting(job_id: str, attrs: Mapping[str, Any]) -> JobAccounting:
+    """One job's usage record from its qstat attributes (listing or `-x` history, text or
+    JSON): cores `resources_used.ncpus` (else `Resource_List.ncpus`), GPUs
+    `Resource_List.ngpus` (PBS's consumable GPU count; None where the job has none listed),
+    submitted `qtime`, eligible `etime`, started `stime`, ended `obittime` or `mtime` (see
+    job_times), run time `resources_used.walltime`. Final once the job is finished (F/X)."""
+    flat = flatten(attrs)
+    letter = str(flat.get("job_state", "")).strip()[:1]
+    finished = letter in FINISHED_STATES
+    state = finished_state(flat)[0] if finished else STATES.get(letter, JobState.RUNNING)
+    started, ended = job_times(flat, state)
+    cores = _int(flat.get("resources_used.ncpus"))
+    return JobAccounting(
+        job_id, "qstat", letter or "?", final=finished,
+        submitted_at=parse_time(flat.get("qtime")), eligible_at=parse_time(flat.get("etime")),
+        started_at=started, ended_at=ended,
+        cores=cores if cores else _int(flat.get("Resource_List.ncpus")),
+        gpus=_int(flat.get("Resource_List.ngpus")),
+        elapsed=parse_duration(flat.get("resources_used.walltime")) if finished else None)
+
+
 def parse_qstat_json(text: str) -> dict[str, dict[str, Any]]:
     """`qstat -f -F json` -> {job id: attributes}. An empty server has no "Jobs" key.
 
@@ -474,6 +522,28 @@ class PbsBackend:
                 result.append(ObservedJob(job_id, identity, JobState.GONE, why,
                                           started_at=self._last_seen[job_id].started_at))
         return result
+
+    async def usage(self, jobs: Sequence[ObservedJob]) -> dict[str, JobAccounting]:
+        """Usage records of these jobs in ONE `qstat -x -f ID...` (text: several ids work
+        in text on every version, not in JSON, see the module docstring); without job
+        history, `qstat -f ID...` (finished jobs are then unknown). Unknown ids are left
+        out; a failing qstat gives no records (usage then counts from the requests)."""
+        ids = [j.job_id for j in jobs]
+        if not ids:
+            return {}
+        for _ in range(2):
+            argv = ["qstat", *(["-x"] if self._history else []), "-f", *ids]
+            try:
+                _rc, out, err = await self.runner.run(argv, check=False)
+            except BatchSystemError as exc:
+                log.info("qstat for usage failed: %s", exc)
+                return {}
+            if _HISTORY_DISABLED in err and self._history:
+                self._history = False
+                continue
+            records = parse_qstat_text(out)
+            return {jid: accounting(jid, records[jid]) for jid in ids if jid in records}
+        return {}
 
     async def cancel(self, job_ids: Sequence[str]) -> None:
         if not job_ids:

@@ -5,10 +5,19 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
-from ..model import JobIdentity, JobRequest, JobState, ObservedJob, expand_ranges
+from ..model import (
+    JobAccounting,
+    JobIdentity,
+    JobRequest,
+    JobState,
+    ObservedJob,
+    expand_ranges,
+)
 from .base import BatchSystemError, CommandRunner, with_departed
 
 log = logging.getLogger(__name__)
@@ -36,6 +45,10 @@ STATES: dict[str, JobState] = {
 SQUEUE_FORMAT = "%i|%T|%r|%K|%S|%e|%M|%A|%k"
 SQUEUE_FIELDS = 9
 SACCT_FIELDS = "JobID,State,ExitCode,Start,End"
+# Usage accounting (`usage`): one line per job allocation (-X: no steps). The job
+# completion log (`sacct -c`, no slurmdbd) fills all but AllocTRES, which it leaves empty.
+SACCT_USAGE_FIELDS = "JobID,State,Submit,Eligible,Start,End,NCPUS,AllocTRES,ElapsedRaw"
+_TRES_GPU = re.compile(r"(?:^|,)gres/gpu(?::[^=,]*)?=(\d+)")
 TZ_STEP_S = 900  # time zones differ by multiples of 15 minutes
 
 
@@ -175,6 +188,46 @@ def parse_sacct(text: str, offset: float = 0.0) -> dict[str, SacctRecord]:
     return found
 
 
+def tres_gpus(tres: str) -> int | None:
+    """GPUs in a TRES list (`cpu=8,mem=16G,node=1,gres/gpu=2`; typed `gres/gpu:a100=2` is
+    counted too, once: SLURM lists the untyped total beside typed entries). None for an
+    empty list (the completion log records none), 0 for a list without GPUs."""
+    if not tres.strip():
+        return None
+    found = [int(n) for n in _TRES_GPU.findall(tres)]
+    untyped = re.search(r"(?:^|,)gres/gpu=(\d+)", tres)
+    return int(untyped.group(1)) if untyped else sum(found)
+
+
+def _number(text: str) -> int | None:
+    text = text.strip()
+    return int(text) if text.isdigit() else None
+
+
+def parse_sacct_usage(text: str, source: str, offset: float = 0.0) -> dict[str, JobAccounting]:
+    """`sacct -X --parsable2 --format=SACCT_USAGE_FIELDS` -> {JobID as printed: record}.
+    Pending array lines (`123_[4-7]`) and steps are skipped: a pending job has used
+    nothing yet. Times get squeue's time zone correction like parse_sacct."""
+    found: dict[str, JobAccounting] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) < 9 or not parts[0] or "." in parts[0] or "[" in parts[0]:
+            continue
+        job_id, word, submit, eligible, start, end, ncpus, tres, elapsed = parts[:9]
+        state = parse_state(word)
+        started, ended = job_times(state, start, end, offset)
+        submitted = parse_time(submit)
+        eligible_at = parse_time(eligible)
+        found[job_id] = JobAccounting(
+            job_id, source, word, final=state.terminal and ended is not None,
+            submitted_at=None if submitted is None else submitted + offset,
+            eligible_at=None if eligible_at is None else eligible_at + offset,
+            started_at=started, ended_at=ended, cores=_number(ncpus), gpus=tres_gpus(tres),
+            elapsed=float(elapsed) if ended is not None and elapsed.strip().isdigit()
+            else None)
+    return found
+
+
 class SlurmBackend:
     kind = "slurm"
     supports_arrays = True
@@ -214,29 +267,41 @@ class SlurmBackend:
         self._last_seen = {j.job_id: j for j in jobs}
         return jobs
 
-    async def _departed(self, job_ids: list[str]) -> list[ObservedJob]:
-        """Jobs squeue no longer shows, asked of sacct in one call.
+    async def _sacct(self, options: list[str],
+                     ids: Callable[[bool], list[str]]) -> tuple[str, bool] | None:
+        """One sacct call: (its output, whether it read the job completion log), or None
+        when sacct cannot be used here. `ids(completion)` gives the --jobs list.
 
         Sites without slurmdbd answer "accounting storage is disabled"; then the job
-        completion log (`sacct -c`, JobCompType=jobcomp/filetxt) is tried, and failing that
-        the jobs are GONE with no exit code.
+        completion log (`sacct -c`, JobCompType=jobcomp/filetxt) is tried; which one works is
+        remembered, and a site where neither does is not asked again.
         """
-        found: dict[str, SacctRecord] = {}
         while self._sacct_mode is not None:
+            completion = bool(self._sacct_mode)
+            asked = ids(completion)
+            if not asked:
+                return "", completion
             try:
                 rc, out, err = await self.runner.run(
-                    ["sacct", *self._sacct_mode, "--noheader", "--parsable2",
-                     f"--format={SACCT_FIELDS}", "--jobs=" + ",".join(job_ids)], check=False)
+                    ["sacct", *self._sacct_mode, "--noheader", "--parsable2", *options,
+                     "--jobs=" + ",".join(asked)], check=False)
             except BatchSystemError as exc:  # not installed, or slurmdbd hangs: squeue works
                 rc, out, err = 1, "", str(exc)
             if rc == 0:
-                found = parse_sacct(out, self._offset)
-                break
+                return out, completion
             if "accounting storage is disabled" in err.lower() and not self._sacct_mode:
                 self._sacct_mode = ["--completion"]
             else:
-                log.info("sacct unusable, jobs that leave squeue are GONE: %s", err.strip())
+                log.info("sacct unusable, jobs that leave squeue are GONE and usage is "
+                         "counted from requests: %s", err.strip())
                 self._sacct_mode = None
+        return None
+
+    async def _departed(self, job_ids: list[str]) -> list[ObservedJob]:
+        """Jobs squeue no longer shows, asked of sacct in one call (failing that, GONE with
+        no exit code)."""
+        answer = await self._sacct([f"--format={SACCT_FIELDS}"], lambda _: job_ids)
+        found = parse_sacct(answer[0], self._offset) if answer else {}
         result = []
         for job_id in job_ids:
             last = self._last_seen[job_id]
@@ -251,6 +316,33 @@ class SlurmBackend:
                                           "no longer reported by squeue", extra=last.extra,
                                           started_at=last.started_at))
         return result
+
+    async def usage(self, jobs: Sequence[ObservedJob]) -> dict[str, JobAccounting]:
+        """Accounting records of these jobs, in ONE sacct call (keyed by our job ids).
+
+        The completion log knows a job only by its own id: an array task `123_4` is asked
+        for by the id squeue showed for it while it ran (%A, `extra["raw_job_id"]`); a task
+        never seen running cannot be found there and gets no record (its usage is then
+        counted from the poll and the request). Jobs sacct does not know are left out."""
+        def wanted(completion: bool) -> dict[str, str]:
+            out = {}
+            for job in jobs:
+                raw = job.extra.get("raw_job_id") if completion else None
+                if raw or not (completion and "_" in job.job_id):
+                    out[raw or job.job_id] = job.job_id
+            return out
+        if not jobs:
+            return {}
+        answer = await self._sacct(["--allocations", f"--format={SACCT_USAGE_FIELDS}"],
+                                   lambda completion: list(wanted(completion)))
+        if answer is None:
+            return {}
+        out, completion = answer
+        ours = wanted(completion)
+        records = parse_sacct_usage(out, "sacct-completion" if completion else "sacct",
+                                    self._offset)
+        return {ours[printed]: replace(record, job_id=ours[printed])
+                for printed, record in records.items() if printed in ours}
 
     async def cancel(self, job_ids: Sequence[str]) -> None:
         if not job_ids:

@@ -301,6 +301,9 @@ class HistoryPlugin(SchedulerPlugin):
         # key -> (worker address, [(dependency key, nbytes) it did not hold when assigned])
         self.assigned: dict[Hashable, tuple[str, list[tuple[Hashable, int]]]] = {}
         self.moved: dict[Hashable, set[str]] = {}  # dependency key -> workers it went to
+        # Keys counted as submitted and not finished: a graph names the tasks it depends on
+        # too, and those still running were submitted by an earlier graph.
+        self.counted: set[Hashable] = set()
         self.executor: ThreadPoolExecutor | None = None
         self.flusher: asyncio.Task[None] | None = None
         self.ended: float | None = None
@@ -408,11 +411,14 @@ class HistoryPlugin(SchedulerPlugin):
             if ts is None:
                 continue
             self.group_owner[ts.group.name] = cid
-            if ts.state not in ("memory", "erred"):
+            if ts.state not in ("memory", "erred") and key not in self.counted:
+                self.counted.add(key)
                 record.tasks_submitted += 1
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, stimulus_id: str,
                    **kwargs: Any) -> None:
+        if finish in ("memory", "erred", "released", "forgotten"):
+            self.counted.discard(key)
         if finish == "processing":
             self._assigned(key)
         elif start == "processing" and finish in ("memory", "erred"):

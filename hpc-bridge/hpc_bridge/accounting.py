@@ -74,12 +74,18 @@ class AccountingCollector:
 
     async def _query(self) -> None:
         self.queries += 1
+        previous = self.queried_at
         self.queried_at, self.as_of = time.monotonic(), time.time()
         stale = self.queried_at - FORGET_AFTER_S
         for job_id in [i for i, t in self._asked.items() if t < stale]:
             del self._asked[job_id]
             self._wanted.pop(job_id, None)
             self.records.pop(job_id, None)
+        # Only jobs some caller asked about since the previous query: one its cluster no
+        # longer asks for (the usage ledger gave up on it, the cluster is gone) is not asked
+        # for again (its record, if any, is kept until FORGET_AFTER_S).
+        for job_id in [i for i in self._wanted if self._asked[i] < previous]:
+            del self._wanted[job_id]
         asked = list(self._wanted.values())
         if not asked or not hasattr(self.backend, "usage"):  # a backend without records
             return

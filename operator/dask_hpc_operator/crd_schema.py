@@ -55,9 +55,14 @@ DIRECTIVE = (r"^(--[A-Za-z][A-Za-z0-9-]*(=[A-Za-z0-9_.:,/@%+=-]+| [A-Za-z0-9_.:,
 # and whether the submit command returns at all (--wait/-W, PBS -W block=true, -I; PBS -W
 # also sets any job attribute by name). SLURM's `-C` (--constraint) stays allowed: PBS's
 # `-C` (directive prefix) takes effect only on qsub's command line, since qsub has chosen
-# the prefix before it reads the script's directives.
-DENIED_LONG_DIRECTIVES = ("array", "chdir", "comment", "error", "export-file", "get-user-env",
-                          "gid", "input", "job-name", "output", "uid", "wait", "workdir", "wrap")
+# the prefix before it reads the script's directives. Nor may a job go to another
+# cluster or server (SLURM --clusters, --cluster-constraint; PBS -q queue@server): the
+# operator lists only its own, so it would never see the job and would submit it again
+# every period. SLURM's -M (--clusters) is refused where the backend is known
+# (policy.admit): PBS's -M is the mail recipients' list.
+DENIED_LONG_DIRECTIVES = ("array", "chdir", "clusters", "cluster-constraint", "comment",
+                          "error", "export-file", "get-user-env", "gid", "input", "job-name",
+                          "output", "uid", "wait", "workdir", "wrap")
 DENIED_SHORT_DIRECTIVES = "aDeIiJoSuVvW"
 
 
@@ -72,7 +77,7 @@ def _prefixes(name: str) -> str:
 
 
 DENIED_DIRECTIVE = ("^(--(" + "|".join(map(_prefixes, DENIED_LONG_DIRECTIVES))
-                    + ")([= ].*)?|-[" + DENIED_SHORT_DIRECTIVES + "]( .*)?)$")
+                    + ")([= ].*)?|-[" + DENIED_SHORT_DIRECTIVES + "]( .*)?|-q .*@.*)$")
 ARG_TOKEN = r"^[A-Za-z0-9_.:,/@%+=-]+$"  # one argv element of the worker command
 RESOURCE_NAME = r"^[A-Za-z][A-Za-z0-9_]*$"
 PATH = r"^/[A-Za-z0-9_./@%+=-]*$"  # absolute, no spaces or metacharacters

@@ -11,6 +11,11 @@ Beside it are kept what the operator and the other preload wrote in the staging 
 waits; usage_ledger.py) as `<name>-<uid8>.usage.json`, and Dask's performance reports
 (`reports/*.html`, spec.diagnostics.performanceReport) as `<name>-<uid8>.reports/`.
 
+A job user may write the staging directory (policy stagingGroup: mode 2770), so `keep`
+follows no link there and copies only regular files (staging_files.py). What is kept is
+the operator's account's alone (files 0600, directories 0700): a history holds the users'
+code lines, errors and performance reports.
+
 Reading never writes: files are opened read-only, so a reader cannot disturb a scheduler
 that is still writing, nor need write access to a colleague's staging directory. A run
 (one scheduler process) that has no end and has not flushed for STALE_AFTER_S was killed:
@@ -24,8 +29,8 @@ import datetime as dt
 import json
 import logging
 import os
-import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
@@ -35,6 +40,7 @@ from typing import Any, TypeVar, cast
 from hpc_bridge.preloads.history import FILE_NAME as FILE_NAME  # re-exported
 from hpc_bridge.preloads.performance import REPORTS_DIR
 
+from .staging_files import open_regular, replace_file
 from .usage import JobUsage, UsageSummary, rows_of, summarize
 
 log = logging.getLogger(__name__)
@@ -44,6 +50,8 @@ ARCHIVE_DIR = "history"  # under the site's staging directory
 USAGE_FILE = "usage.json"  # in a cluster's staging directory (usage_ledger.py)
 # A live scheduler flushes every second or so; one silent this long, with no end, is gone.
 STALE_AFTER_S = 15.0
+KEPT_MODE = 0o600  # archived files: the operator's account only (users' code and errors)
+KEPT_DIR_MODE = 0o700
 
 
 @dataclass(frozen=True)
@@ -275,78 +283,114 @@ def _split_leaf(leaf: str) -> tuple[str, str]:
 def find(staging_dir: str | Path, namespace: str | None = None) -> list[HistoryFile]:
     """Every cluster's history under the site's staging directory: live ones
     (`clusters/<ns>/<name>-<uid8>/history.sqlite`) and deleted ones (`history/<ns>/
-    <name>-<uid8>.sqlite`); a cluster found in both places is listed once, live."""
+    <name>-<uid8>.sqlite`); a cluster found in both places is listed once, live.
+
+    A cluster is found by its usage file too (`usage.json`, `<name>-<uid8>.usage.json`):
+    one whose scheduler never started has no history.sqlite, and still used core-hours.
+    Its HistoryFile names the history that is not there (`load` reads it as empty)."""
     root = Path(staging_dir)
     ns = namespace or "*"
     found: dict[str, HistoryFile] = {}
-    for path in sorted(root.glob(f"{ARCHIVE_DIR}/{ns}/*.sqlite")):
+    usage_suffix = ".usage.json"
+    kept = [(p, p.name.removesuffix(usage_suffix) + ".sqlite")
+            for p in root.glob(f"{ARCHIVE_DIR}/{ns}/*{usage_suffix}")]
+    for path in sorted({p.with_name(n) for p, n in kept}
+                       | set(root.glob(f"{ARCHIVE_DIR}/{ns}/*.sqlite"))):
         name, uid8 = _split_leaf(path.stem)
         f = HistoryFile(path.parent.name, name, uid8, path, archived=True)
         found[f.key] = f
-    for path in sorted(root.glob(f"clusters/{ns}/*/{FILE_NAME}")):
+    live = {p.with_name(FILE_NAME) for p in root.glob(f"clusters/{ns}/*/{USAGE_FILE}")}
+    for path in sorted(live | set(root.glob(f"clusters/{ns}/*/{FILE_NAME}"))):
         name, uid8 = _split_leaf(path.parent.name)
         f = HistoryFile(path.parent.parent.name, name, uid8, path, archived=False)
         found[f.key] = f
     return list(found.values())
 
 
+def _copy_regular(source: Path, target: Path, dir_fd: int | None = None) -> bool:
+    """`replace_file(target)` with the content of `source` if it is a regular file
+    (`open_regular`), mode 0600; whether it was."""
+    f = open_regular(source, dir_fd)
+    if f is None:
+        return False
+    with f:
+        _kept_dir(target.parent)
+        replace_file(target, f, KEPT_MODE)
+    return True
+
+
 def archive(source: Path, target: Path) -> bool:
     """Copy a history out of a staging directory that is about to be removed.
 
-    sqlite's backup API reads through the WAL (a killed scheduler leaves its last
-    transactions there), and the copy is switched to a rollback journal so it is one
-    self-contained file, readable on any host. The source is opened read-write, unlike
-    `load`: its scheduler is gone (teardown calls this once every job has ended), and a WAL
-    left by a killed one may need recovery, which needs write access. Never raises: losing
-    the history must not stop a deletion. Returns whether a copy was made."""
-    if not source.exists():
-        return False
-    tmp = target.with_name(target.name + ".tmp")
+    The file and its WAL (a killed scheduler leaves its last transactions there) are
+    copied, as regular files only, into a private temporary directory, where sqlite opens
+    them: sqlite follows a link in place of the database (a job user could point it at a
+    database of the operator's), and a link in place of its -shm file would stop it from
+    opening the history at all. sqlite's backup API reads through the WAL, and the
+    copy is switched to a rollback journal so it is one self-contained file, readable on
+    any host, kept with mode 0600 (`replace_file`). Never raises: losing the history must
+    not stop a deletion. Returns whether a copy was made."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.closing(sqlite3.connect(source, timeout=10)) as src, \
-                contextlib.closing(sqlite3.connect(tmp)) as dst:
-            src.backup(dst)
-            dst.execute("PRAGMA journal_mode=DELETE")
-        tmp.replace(target)
-        return True
+        with tempfile.TemporaryDirectory(prefix="dask-hpc-history-") as private:
+            copy, out = Path(private) / FILE_NAME, Path(private) / "kept.sqlite"
+            if not _copy_regular(source, copy):
+                return False
+            _copy_regular(source.with_name(source.name + "-wal"),
+                          copy.with_name(copy.name + "-wal"))
+            with contextlib.closing(sqlite3.connect(copy, timeout=10)) as src, \
+                    contextlib.closing(sqlite3.connect(out)) as dst:
+                src.backup(dst)
+                dst.execute("PRAGMA journal_mode=DELETE")
+            return _copy_regular(out, target)
     except (sqlite3.Error, OSError) as exc:
         log.warning("could not keep the history %s in %s: %s", source, target, exc)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         return False
+
+
+def _kept_dir(path: Path) -> None:
+    """The archive directory of a namespace, created 0700 (an existing one is left as the
+    administrator made it)."""
+    path.mkdir(mode=KEPT_DIR_MODE, parents=True, exist_ok=True)
 
 
 def keep(staging: Path, target: Path) -> None:
     """Everything of a cluster's history out of its staging directory before it is removed:
-    the history (`archive`), the usage file and the performance reports, beside `target`
-    (the `archive_path`). Never raises, like `archive`."""
+    the history (`archive`), the usage file and the performance reports (`*.html`), beside
+    `target` (the `archive_path`), regular files only, mode 0600. Never raises, like
+    `archive`."""
     archive(staging / FILE_NAME, target)
     kept = HistoryFile("", "", "", target, archived=True)
     try:
-        if (staging / USAGE_FILE).exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(staging / USAGE_FILE, kept.usage_path)
-        if (staging / REPORTS_DIR).is_dir():
-            shutil.copytree(staging / REPORTS_DIR, kept.reports_dir, dirs_exist_ok=True)
+        _copy_regular(staging / USAGE_FILE, kept.usage_path)
+        try:  # the directory itself, not where a link in its place points
+            reports = os.open(staging / REPORTS_DIR,
+                              os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            return
+        try:
+            for name in sorted(os.listdir(reports)):
+                if name.endswith(".html"):
+                    _copy_regular(Path(name), kept.reports_dir / name, dir_fd=reports)
+        finally:
+            os.close(reports)
     except OSError as exc:
         log.warning("could not keep the usage and reports of %s in %s: %s", staging,
                     target.parent, exc)
 
 
 def write_json(path: Path, doc: Any) -> None:
-    """Replace `path` atomically (a reader never sees half a file; a crash leaves the old
-    one)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(doc, indent=1, default=str))
-    tmp.replace(path)
+    """Replace `path` atomically and safely (`replace_file`)."""
+    replace_file(path, json.dumps(doc, indent=1, default=str).encode())
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object from `path`, or None when it is missing or not one."""
+    f = open_regular(path)  # a link a job user planted is not read
+    if f is None:
+        return None
     try:
-        doc = json.loads(path.read_text())
+        with f:
+            doc = json.loads(f.read())
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
@@ -374,21 +418,31 @@ def _records(conn: sqlite3.Connection, cls: type[T], table: str, order: str,
 
 
 def load(file: HistoryFile, now: float | None = None) -> ClusterHistory:
-    """Read one history (raises sqlite3.Error for a file that is not one)."""
+    """Read one history (raises sqlite3.Error for a file that is not one). A cluster
+    found by its usage file alone (its scheduler never started) has no runs and no
+    computations, only its usage."""
     now = time.time() if now is None else now
-    with contextlib.closing(_connect_ro(file.path)) as conn:
-        meta = dict(_rows(conn, "SELECT key, value FROM meta"))
-        runs = _records(conn, Run, "runs", "id", skip=("state",))
-        computations = _records(conn, Computation, "computations", "seq",
-                                skip=("prefixes",))
-        prefixes: dict[str, list[PrefixStats]] = {}
-        for computation, *rest in _rows(conn, "SELECT computation, " + ", ".join(
-                f.name for f in fields(PrefixStats)) + " FROM prefixes"):
-            prefixes.setdefault(computation, []).append(PrefixStats(*rest))
-        errors = _records(conn, TaskError, "errors", "id")
-        workers = _records(conn, Worker, "workers", "joined")
-        events = _records(conn, Event, "events", "id")
-        samples = _records(conn, Sample, "samples", "time")
+    meta: dict[Any, Any] = {}
+    runs: list[Run] = []
+    computations: list[Computation] = []
+    prefixes: dict[str, list[PrefixStats]] = {}
+    errors: list[TaskError] = []
+    workers: list[Worker] = []
+    events: list[Event] = []
+    samples: list[Sample] = []
+    if file.path.exists():
+        with contextlib.closing(_connect_ro(file.path)) as conn:
+            meta = dict(_rows(conn, "SELECT key, value FROM meta"))
+            runs = _records(conn, Run, "runs", "id", skip=("state",))
+            computations = _records(conn, Computation, "computations", "seq",
+                                    skip=("prefixes",))
+            for computation, *rest in _rows(conn, "SELECT computation, " + ", ".join(
+                    f.name for f in fields(PrefixStats)) + " FROM prefixes"):
+                prefixes.setdefault(computation, []).append(PrefixStats(*rest))
+            errors = _records(conn, TaskError, "errors", "id")
+            workers = _records(conn, Worker, "workers", "joined")
+            events = _records(conn, Event, "events", "id")
+            samples = _records(conn, Sample, "samples", "time")
     for i, run in enumerate(runs):
         # A later run means the earlier scheduler is gone, whatever its last flush says.
         newer = i < len(runs) - 1
@@ -409,6 +463,8 @@ def load(file: HistoryFile, now: float | None = None) -> ClusterHistory:
             w.left = until.get(w.run)
     usage = read_json(file.usage_path) or {}
     reports = sorted(file.reports_dir.glob("*.html")) if file.reports_dir.is_dir() else []
+    meta = {**{k: usage[k] for k in ("namespace", "name", "uid") if isinstance(
+        usage.get(k), str)}, **meta}  # no history.sqlite: the usage file says who it was
     return ClusterHistory(file, meta.get("namespace", file.namespace),
                           meta.get("name", file.name), meta.get("uid", file.uid8), runs,
                           computations, errors, workers, events, samples, rows_of(usage),
@@ -541,7 +597,8 @@ def format_usage(h: ClusterHistory) -> str:
 def format_computations(h: ClusterHistory) -> str:
     head = (f"DaskCluster {h.namespace}/{h.name} (uid {h.uid}): {cluster_state(h)}, "
             f"{when(h.start)} - {when(h.end)}; {len(h.workers)} workers; "
-            f"history: {h.file.path}")
+            + (f"history: {h.file.path}" if h.runs or h.file.path.exists()
+               else "no history: the scheduler never started"))
     if not h.computations:
         return head + "\nno computation recorded"
     rows = [[str(c.seq), when(c.start), seconds(c.duration), c.state,

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from hpc_bridge.model import ObservedJob
 
+from .staging_files import open_regular
+
 log = logging.getLogger(__name__)
 
 READ_BYTES = 64 * 1024  # the end of a log is enough for a tail; logs may be huge
@@ -57,8 +59,14 @@ def _newest(paths: Iterable[Path]) -> Path | None:
 
 
 def read_tail(path: Path, max_bytes: int = READ_BYTES) -> str:
-    """The end of a file as text (undecodable bytes replaced)."""
-    with open(path, "rb") as f:
+    """The end of a file as text (undecodable bytes replaced); "" unless it is a regular
+    file: the log directory may be writable by the job's user (policy stagingGroup), who
+    could plant a link to a file only the operator may read and have its tail shown in
+    status."""
+    f = open_regular(path)
+    if f is None:
+        return ""
+    with f:
         f.seek(0, 2)
         size = f.tell()
         f.seek(max(0, size - max_bytes))

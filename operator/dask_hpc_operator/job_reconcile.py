@@ -21,7 +21,7 @@ from hpc_bridge.model import JobRequest, JobState, ObservedJob, RunnerCommand, T
 from hpc_bridge.poller import BatchedPoller, BatchSystemUnavailable
 from hpc_bridge.scripts import RenderContext, render_runner
 
-from . import tls
+from . import staging_files, tls
 from .constants import (
     API_VERSION,
     KIND_CLUSTER,
@@ -182,7 +182,8 @@ class JobReconciler:
             return
         self.runtime.make_staging(model.namespace, paths.staging, paths.logs)
         if model.script is not None:
-            paths.script.write_text(model.script)
+            # Replaced, never written through: the job's user may write the directory.
+            staging_files.replace_file(paths.script, model.script.encode())
         address = child.scheduler_address if child is not None else None
         request = self.render_request(model, address or "", child_tls)
         try:

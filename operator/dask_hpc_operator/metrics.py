@@ -48,7 +48,6 @@ from hpc_bridge.model import JobState, Role
 
 from .constants import KIND_AUTOSCALER, KIND_CLUSTER, KIND_JOB, KIND_WORKER_GROUP, NAMES
 from .reconcile import Runtime
-from .usage import UsageTotals
 
 log = logging.getLogger(__name__)
 
@@ -265,8 +264,14 @@ class OperatorMetrics(Collector):
         return value
 
     def _usage_metrics(self) -> Iterator[Metric]:
-        """What clusters used, from the usage ledger (usage.py): per live cluster and group,
-        and per namespace including clusters deleted since the operator started."""
+        """What clusters used, from the usage ledger (usage.py): per live cluster and group.
+
+        No per-namespace counter: one that counted deleted clusters would forget them when
+        the operator restarts, and Prometheus would read that drop as a counter reset and
+        count their hours twice in increase(). A namespace's sum over a period is
+        `sum by (namespace) (increase(...cluster_core_hours_total[...]))` (a cluster's
+        series ends with it, its samples stay), and all-time totals, deleted clusters
+        included, are `dask-hpc history`'s (from the kept usage files)."""
         ledger = self.runtime.usage_ledger
         core = CounterMetricFamily(
             PREFIX + "cluster_core_hours", "Core-hours of a cluster's batch jobs (cores x run "
@@ -278,28 +283,16 @@ class OperatorMetrics(Collector):
             PREFIX + "cluster_queue_wait_seconds", "Queue wait (start - submit) of a "
             "cluster's batch jobs: count of jobs and seconds waited in all, by group",
             labels=LABELS)
-        ns_core = CounterMetricFamily(
-            PREFIX + "namespace_core_hours", "Core-hours of a namespace's clusters, deleted "
-            "ones included (since the operator started)", labels=["namespace"])
-        ns_gpu = CounterMetricFamily(
-            PREFIX + "namespace_gpu_hours", "GPU-hours of a namespace's clusters, deleted "
-            "ones included (since the operator started)", labels=["namespace"])
         if ledger is not None:
-            namespaces = dict(ledger.retired)
             for entry in list(ledger.clusters.values()):
                 summary = entry.summary()
-                namespaces[entry.namespace] = namespaces.get(
-                    entry.namespace, UsageTotals()).plus(summary.total)
                 for group, t in summary.by_group.items():
                     labels = [entry.namespace, entry.name, group]
                     key = (entry.uid, group)
                     core.add_metric(labels, self._monotonic(("core", *key), t.core_hours))
                     gpu.add_metric(labels, self._monotonic(("gpu", *key), t.gpu_hours))
                     wait.add_metric(labels, t.waited_jobs, t.queue_wait_seconds)
-            for ns, t in sorted(namespaces.items()):
-                ns_core.add_metric([ns], self._monotonic(("ns-core", ns), t.core_hours))
-                ns_gpu.add_metric([ns], self._monotonic(("ns-gpu", ns), t.gpu_hours))
-        yield from (core, gpu, wait, ns_core, ns_gpu)
+        yield from (core, gpu, wait)
 
     def registry(self) -> CollectorRegistry:
         """A registry of its own (not prometheus_client's global one, so that tests and

@@ -522,6 +522,16 @@ def allocation_counts(model: ClusterModel, jobs: Sequence[ObservedJob],
     return GroupCounts(replicas, 0, replicas, ready)
 
 
+def submitted_restarts(plan: Plan, live_scheduler: ObservedJob | None) -> int:
+    """status.schedulerRestarts after the plan ran: a planned restart counts only once its
+    scheduler job exists (the jobs after acting show it live). A refused submission (a QOS
+    limit, sbatch timing out) is retried by the next reconcile under the same index, and
+    does not use up spec.scheduler.maxRestarts."""
+    if plan.lost and live_scheduler is None:
+        return plan.restarts - 1
+    return plan.restarts
+
+
 def cluster_status(model: ClusterModel, jobs: Sequence[ObservedJob], dask: DaskView | None,
                    plan: Plan, old_conditions: Sequence[dict[str, Any]] = (),
                    now: str = "", error_tails: Mapping[str, str] | None = None
@@ -591,7 +601,7 @@ def cluster_status(model: ClusterModel, jobs: Sequence[ObservedJob], dask: DaskV
         "backend": model.backend,
         "resources": sorted({r for g in model.groups for r in g.resource_names}),
         "schedulerJobId": sched_job.job_id if sched_job else None,
-        "schedulerRestarts": plan.restarts,
+        "schedulerRestarts": submitted_restarts(plan, sched_job),
         "schedulerAddress": dask.address if dask else None,
         "dashboardURL": dask.dashboard_url if dask else None,
         "conditions": merge_conditions(old_conditions, conditions, now),

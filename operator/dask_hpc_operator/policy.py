@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import crd_schema, profiles
 from .constants import KIND_AUTOSCALER, KIND_CLUSTER, KIND_JOB, KIND_WORKER_GROUP
+from .site_config import BACKENDS
 from .validation import Manifest, ManifestError, matches, parse_memory, parse_walltime, validate
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ SHARED_STAGING_MODE = 0o2770
 POLICY_KEYS = {
     "accounts": "accounts",
     "queues": "queues",
+    "backends": "backends",
     "submitAs": "submit_as",
     "stagingGroup": "staging_group",
     "maxWorkers": "max_workers",
@@ -78,6 +80,7 @@ class NamespacePolicy:
     name: str = DEFAULT_POLICY  # the namespace it was written for, or "*"
     accounts: tuple[str, ...] | None = None
     queues: tuple[str, ...] | None = None
+    backends: tuple[str, ...] | None = None  # the batch systems it may use (spec.backend)
     submit_as: tuple[str, ...] | None = None
     staging_group: str | None = None
     max_workers: int | None = None
@@ -171,6 +174,12 @@ def parse_policy(name: str, data: Any) -> NamespacePolicy:
         if key in ("accounts", "queues"):
             kwargs[attr] = _strings(full, value, crd_schema.SAFE_TOKEN,
                                     "letters, digits, '.', '_', '+' or '-'")
+        elif key == "backends":
+            kwargs[attr] = _strings(full, value, None, "")
+            for i, item in enumerate(kwargs[attr]):
+                if item not in BACKENDS:
+                    raise _config_error(f"{full}[{i}] {item!r} is not one of "
+                                        f"{', '.join(BACKENDS)}")
         elif key == "submitAs":
             kwargs[attr] = _strings(full, value, crd_schema.ARG_TOKEN,
                                     "one argument per item, no spaces or shell metacharacters")
@@ -312,16 +321,46 @@ def _lenient(manifest: Manifest | None) -> Manifest | None:
         return None
 
 
+def _whole(value: Any, top: int) -> int | None:
+    """`value` if it is a whole number in 0..top (not a bool), else None."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= top
+    return value if ok else None
+
+
+def _refused_group(doc: Manifest) -> Manifest | None:
+    """What can be read of a DaskWorkerGroup the operator refuses as invalid, for the
+    totals: a refusal leaves the jobs of its last accepted spec running, so it still
+    counts, with the larger of its spec's replicas and its last live count
+    (`status.replicas`), and its spec's cores and GPUs per job where they are sane numbers
+    (else the defaults). None when it is not a named group of a named cluster."""
+    meta, spec = doc.get("metadata"), doc.get("spec")
+    if doc.get("kind") != KIND_WORKER_GROUP or not isinstance(meta, dict) \
+            or not isinstance(spec, dict) or not isinstance(meta.get("name"), str) \
+            or not isinstance(spec.get("cluster"), str):
+        return None
+    worker, status = spec.get("worker"), doc.get("status")
+    worker = worker if isinstance(worker, dict) else {}
+    status = status if isinstance(status, dict) else {}
+    replicas = max(_whole(worker.get("replicas"), crd_schema.MAX_REPLICAS) or 0,
+                   _whole(status.get("replicas"), crd_schema.MAX_REPLICAS) or 0)
+    return {"kind": KIND_WORKER_GROUP,
+            "metadata": {"name": meta["name"], "namespace": meta.get("namespace")},
+            "spec": {"cluster": spec["cluster"], "worker": {
+                "replicas": replicas,
+                "cores": _whole(worker.get("cores"), crd_schema.MAX_CORES) or 1,
+                "gpus": _whole(worker.get("gpus"), crd_schema.MAX_GPUS) or 0}}}
+
+
 def _other_groups(groups: Sequence[Manifest], namespace: str, cluster: str,
                   exclude: str | None) -> list[Manifest]:
-    """The cluster's DaskWorkerGroups besides the one under check, validated, in the same
-    namespace, not being deleted."""
+    """The cluster's DaskWorkerGroups besides the one under check, in the same namespace,
+    not being deleted: validated, or read leniently where the operator refuses them."""
     out: dict[str, Manifest] = {}  # by name: a caller may name a group twice
     for doc in groups:
         meta = doc.get("metadata") or {}
         if meta.get("deletionTimestamp") or (exclude and meta.get("name") == exclude):
             continue
-        valid = _lenient(doc)
+        valid = _lenient(doc) or _refused_group(doc)
         if valid is None or valid["kind"] != KIND_WORKER_GROUP:
             continue
         if (valid["metadata"].get("namespace") or "default") != namespace \
@@ -400,20 +439,26 @@ SLURM_OPTIONS: dict[str, tuple[str, ...]] = {
     "cores": ("--cpus-per-task", "--ntasks", "--ntasks-per-node", "--nodes", "--exclusive",
               "--mincpus", "--cpus-per-gpu", "--cores-per-socket", "--sockets-per-node",
               "--threads-per-core", "--extra-node-info", "-c", "-n", "-N", "-B"),
+    # --exclusive: the job gets every CPU and GRES (GPU) of its nodes, but only the memory
+    # it asks for (--mem=0 asks for all of it, and is read under maxMemoryPerJob).
     "maxGpus": ("--gres", "--gpus", "--gpus-per-node", "--gpus-per-task", "--gpus-per-socket",
-                "--tres-per-task", "-G"),
+                "--tres-per-task", "--exclusive", "-G"),
     "jobs": ("--array", "-a"),
     "identity": ("--uid", "--gid"),
+    # Another cluster's queue, which the operator's squeue does not list (see admit).
+    "clusters": ("--clusters", "--cluster-constraint", "-M"),
 }
 # PBS: -q, -A/-P, -J (arrays); `-l` resource lists are read key by key.
 PBS_OPTIONS: dict[str, tuple[str, ...]] = {
     "queues": ("-q",), "accounts": ("-A", "-P"), "jobs": ("-J",), "identity": ("-u",),
 }
 PBS_RESOURCES: dict[str, tuple[str, ...]] = {
-    "maxWalltime": ("walltime",),
+    # A shrink-to-fit job runs up to max_walltime; soft_walltime may be exceeded.
+    "maxWalltime": ("walltime", "max_walltime", "min_walltime", "soft_walltime"),
     "maxMemoryPerJob": ("mem", "vmem", "pmem", "pvmem", "select"),
     "cores": ("ncpus", "nodes", "select", "mpiprocs", "ompthreads", "place", "nodect"),
-    "maxGpus": ("ngpus", "gpus", "naccelerators", "select"),
+    # place=excl: whole nodes, their GPUs included where no cgroup hook fences them.
+    "maxGpus": ("ngpus", "gpus", "naccelerators", "select", "place"),
 }
 # Which limits make which kind of directive off limits.
 GOVERNS: dict[str, tuple[str, ...]] = {
@@ -424,6 +469,8 @@ GOVERNS: dict[str, tuple[str, ...]] = {
 
 
 def _limited(policy: NamespacePolicy, what: str) -> bool:
+    if what == "clusters":
+        return False  # refused for everyone, policy or none (admit)
     if what in GOVERNS:
         return what == "identity" or any(
             getattr(policy, POLICY_KEYS[k]) is not None for k in GOVERNS[what])
@@ -442,6 +489,8 @@ def directive_governs(directive: str, backend: str) -> list[str]:
             return []  # qsub's long options (--version) set nothing limited
         letter, rest = f"-{name[0]}", directive[2:].lstrip(" =")
         found = [what for what, options in PBS_OPTIONS.items() if letter in options]
+        if letter == "-q" and "@" in rest:
+            found.append("clusters")  # queue@server: another server's queue
         if letter == "-l":
             keys = {part.split("=", 1)[0].strip().lower()
                     for part in re.split(r"[,:+]", rest) if part.strip()}
@@ -455,6 +504,43 @@ def directive_governs(directive: str, backend: str) -> list[str]:
                 if any(o.startswith("--") and o.startswith(option) for o in options)]
     letter = f"-{name[0]}"
     return [what for what, options in SLURM_OPTIONS.items() if letter in options]
+
+
+def _check_backend(valid: Manifest, backend: str, parent: Manifest | None,
+                   policy: NamespacePolicy, namespace: str) -> None:
+    """The batch system the manifest's jobs go to must be one of `backends`, and not the
+    local backend under a submitAs identity: local jobs are the operator's own processes,
+    so a namespace whose jobs run as another user would get the operator's account (its
+    prologue lines and DaskJob commands run as the operator)."""
+    kind = valid["kind"]
+    if kind == KIND_CLUSTER:
+        field, written = "spec.backend", valid["spec"].get("backend")
+    elif kind == KIND_JOB:
+        field, written = "spec.cluster.backend", valid["spec"]["cluster"].get("backend")
+    elif kind == KIND_WORKER_GROUP and parent is not None:
+        field, written = "spec.cluster", parent["spec"].get("backend")
+    else:
+        return  # an autoscaler runs no job; a group without its cluster submits nothing
+    identity = bool(policy.submit_as)  # [] is the operator's own account: local is that
+    if policy.backends is not None and backend not in policy.backends:
+        rule, why = "backends", "is not allowed by"
+    elif identity and backend == "local":
+        rule, why = "submitAs", ("runs jobs as the operator's own processes, not as the "
+                                 "user named by")
+    else:
+        return
+    choices = [b for b in (policy.backends or BACKENDS) if not (identity and b == "local")]
+    asked = f"backend {backend}" + ("" if written else " (the site's default)")
+    if not choices:
+        fix = "this namespace may use no backend"
+    elif kind == KIND_WORKER_GROUP:
+        fix = f"name a DaskCluster whose backend is {' or '.join(choices)}"
+    else:
+        fix = f"set {field} to {' or '.join(choices)}"
+    if kind == KIND_WORKER_GROUP:
+        asked = f"DaskCluster {valid['spec']['cluster']} uses {asked}, which"
+    raise PolicyError(field, f"{asked} {why} {policy.rule(rule, namespace)}",
+                      f"{fix}, or {ASK_ADMIN}", rule, namespace)
 
 
 def _check_placement(ask: Ask, policy: NamespacePolicy, namespace: str) -> None:
@@ -569,6 +655,36 @@ def _check_totals(subject: str, shapes: list[Ask], policy: NamespacePolicy,
                           f"{policy.rule(key, namespace)} ({limit})", fix, key, namespace)
 
 
+def backend_of(valid: Manifest, parent: Manifest | None, site: SiteConfig) -> str:
+    """The batch system a validated manifest's jobs go to (a group's and an autoscaler's:
+    their validated cluster `parent`'s), the site's default where none is named."""
+    spec = valid["spec"]
+    backend_spec = spec.get("cluster", spec) if valid["kind"] == KIND_JOB else spec
+    if valid["kind"] == KIND_WORKER_GROUP or valid["kind"] == KIND_AUTOSCALER:
+        backend_spec = parent["spec"] if parent is not None else {}
+    return str(backend_spec.get("backend") or site.backend)
+
+
+def check_reach(valid: Manifest, site: SiteConfig, cluster: Manifest | None = None) -> None:
+    """Refuse, under any policy or none, a directive that sends a job to another cluster
+    or server than the one the operator lists (SLURM's -M and --clusters, PBS's -q
+    queue@server): the operator would never see the job, and would submit it again every
+    period. The CRD refuses the spelled-out options for every backend; SLURM's -M only
+    here, where the backend is known, since PBS's -M names the mail recipients."""
+    backend = backend_of(valid, _lenient(cluster), site)
+    for ask in asks(valid, cluster)[1]:
+        if not ask.checked:
+            continue  # the cluster's own, which its reconcile checks
+        for i, directive in enumerate(ask.template.get("extraDirectives") or []):
+            if "clusters" in directive_governs(directive, backend):
+                raise ManifestError(
+                    f"{ask.where}.extraDirectives[{i}]", f"{directive!r} sends the job to "
+                    f"another {backend} cluster or server, whose jobs the operator does not "
+                    "list (it would submit them again every period)",
+                    f"remove it; jobs go where the operator's own {backend} commands "
+                    f"submit ({ASK_ADMIN})")
+
+
 def check(valid: Manifest, policy: NamespacePolicy, site: SiteConfig, *,
           cluster: Manifest | None = None, groups: Sequence[Manifest] = ()) -> None:
     """Raise PolicyError if the validated manifest breaks `policy`.
@@ -580,12 +696,9 @@ def check(valid: Manifest, policy: NamespacePolicy, site: SiteConfig, *,
     DaskWorkerGroups `groups` (an autoscaler's target counted at its maximum). `site` gives
     the default backend, whose directive syntax is read."""
     namespace = valid["metadata"].get("namespace") or "default"
-    spec = valid["spec"]
-    backend_spec = spec.get("cluster", spec) if valid["kind"] == KIND_JOB else spec
-    if valid["kind"] == KIND_WORKER_GROUP or valid["kind"] == KIND_AUTOSCALER:
-        parent = _lenient(cluster)
-        backend_spec = parent["spec"] if parent is not None else {}
-    backend = backend_spec.get("backend") or site.backend
+    parent = _lenient(cluster)
+    backend = backend_of(valid, parent, site)
+    _check_backend(valid, backend, parent, policy, namespace)
     subject, shapes = asks(valid, cluster, groups)
     for ask in shapes:
         if ask.checked:
@@ -593,6 +706,21 @@ def check(valid: Manifest, policy: NamespacePolicy, site: SiteConfig, *,
             _check_sizes(ask, policy, namespace)
             _check_lines(ask, policy, namespace, backend)
     _check_totals(subject, shapes, policy, namespace)
+
+
+def counts_siblings(manifest: Manifest, old_status: Mapping[str, Any]) -> bool:
+    """Whether a DaskCluster's totals count its DaskWorkerGroups this time: not when this
+    generation of its spec was accepted already (status.observedGeneration, condition
+    Accepted=True). A group added or grown later that pushes the cluster over a limit is
+    refused on its own reconcile; it must not turn the running cluster Failed (which ends
+    the DaskJob whose cluster it is). A new spec of the cluster (scaled up, say) is checked
+    with its groups, so the cluster cannot grow into room its groups already fill."""
+    meta = manifest.get("metadata")  # not validated yet: admit() refuses a bad one
+    generation = meta.get("generation") if isinstance(meta, dict) else None
+    accepted = any(c.get("type") == "Accepted" and c.get("status") == "True"
+                   for c in old_status.get("conditions") or [] if isinstance(c, dict))
+    return not (accepted and "observedGeneration" in old_status
+                and old_status["observedGeneration"] == generation)
 
 
 def _enforce(applied: profiles.Applied, site: SiteConfig, cluster: Manifest | None,
@@ -625,6 +753,8 @@ def admit(manifest: Manifest, site: SiteConfig, *, cluster: Manifest | None = No
     """validate(), the site profile (profiles.py), then the policy: what every reconcile
     and `up`/`render` accept; returns the manifest with its profile applied. Raises
     ManifestError (PolicyError for a policy's refusal)."""
-    applied = profiles.apply(validate(manifest), site, cluster=cluster)
+    valid = validate(manifest)
+    check_reach(valid, site, cluster)
+    applied = profiles.apply(valid, site, cluster=cluster)
     _enforce(applied, site, cluster, groups)
     return applied.manifest

@@ -29,7 +29,7 @@ from hpc_bridge.preloads import performance as performance_preload
 from hpc_bridge.preloads import scaling as scaling_preload
 from hpc_bridge.scripts import LISTENERS_PRELOAD, RenderContext, render, render_worker
 
-from . import dask_rpc, history, job_logs, tls
+from . import dask_rpc, history, job_logs, staging_files, tls
 from .autoscaling import idle_expired
 from .model import ClusterModel, GroupModel
 from .planning import (
@@ -49,6 +49,7 @@ from .policy import (
     POLICY_VIOLATION,
     PolicyError,
     admit,
+    counts_siblings,
     make_staging,
     policy_for,
     submit_prefix,
@@ -265,21 +266,33 @@ class Runtime:
 
         Snapshots come from the shared poller within its minimum interval, not a fresh
         query per deletion: deleting 50 clusters at once costs one squeue per period, not
-        100 (jobs submitted since the snapshot are in it already, recorded at submission)."""
+        100 (jobs submitted since the snapshot are in it already, recorded at submission).
+
+        One identity that cannot list or cancel (its sudo rule missing, say) does not stop
+        the others: its error is logged, the other pollers do their part, and then the
+        first error is raised, since jobs only that identity sees may still run."""
         remaining: list[str] = []
         cancelled: set[str] = set()
+        failed: Exception | None = None
         async with self.lock(uid):
             for poller in dict.fromkeys(pollers):
-                snapshot = await poller.get()
-                live = [j.job_id for j in snapshot.jobs.values()
-                        if mine(j) and j.state.live and j.job_id not in cancelled]
-                if live:
-                    await poller.backend.cancel(live)
-                    poller.record_cancelled(live)
-                    cancelled.update(live)
+                try:
                     snapshot = await poller.get()
+                    live = [j.job_id for j in snapshot.jobs.values()
+                            if mine(j) and j.state.live and j.job_id not in cancelled]
+                    if live:
+                        await poller.backend.cancel(live)
+                        poller.record_cancelled(live)
+                        cancelled.update(live)
+                        snapshot = await poller.get()
+                except (BatchSystemUnavailable, BatchSystemError) as exc:
+                    log.warning("ending the jobs of %s: %s", uid, exc)
+                    failed = failed or exc
+                    continue
                 remaining += [j.job_id for j in snapshot.jobs.values()
                               if mine(j) and not j.state.terminal and j.job_id not in remaining]
+        if failed is not None:
+            raise failed
         return remaining
 
     def make_staging(self, namespace: str, *paths: Path) -> None:
@@ -308,16 +321,24 @@ class ClusterReconciler:
                               "submitAs", model.namespace)
 
     @staticmethod
-    def _ensure_tls(model: ClusterModel, ctx: RenderContext) -> str:
+    def _ensure_tls(model: ClusterModel, ctx: RenderContext, cluster_jobs: list[ObservedJob]
+                    ) -> str:
         """A TLS cluster's credentials exist before any job is rendered (its scripts name
-        the files); idempotent (tls.ensure_cluster_credentials). The problem, if any."""
+        the files); idempotent (tls.ensure_cluster_credentials), never replaced under a
+        running scheduler (`cluster_jobs`: the cluster's own jobs), and usable (not
+        expired) before the operator's RPC uses them. The problem, if any."""
         if ctx.tls is None:
             return ""
+        running = any(j.identity.role in SCHEDULER_ROLES and j.state is JobState.RUNNING
+                      for j in cluster_jobs)
         try:
             tls.ensure_cluster_credentials(Path(ctx.scheduler_file).parent, model.namespace,
-                                           model.name, model.uid)
+                                           model.name, model.uid, in_use=running)
+            tls.check_files(ctx.tls)
+        except tls.TLSError as exc:
+            return f"the cluster's TLS credentials cannot be used: {exc}"
         except OSError as exc:
-            return f"cannot write the cluster's TLS credentials: {exc}"
+            return f"cannot read or write the cluster's TLS credentials, retrying: {exc}"
         return ""
 
     def _context(self, model: ClusterModel) -> RenderContext:
@@ -354,10 +375,12 @@ class ClusterReconciler:
                         events: EventSink = _no_events,
                         groups: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
         """`groups`: the cluster's DaskWorkerGroups, where the caller knows them, so that
-        the policy's totals (maxWorkers, maxCores, maxGpus) count the whole cluster."""
+        the policy's totals (maxWorkers, maxCores, maxGpus) count the whole cluster (not
+        once this spec was accepted: policy.counts_siblings)."""
         old_conditions = old_status.get("conditions") or []
         try:
-            valid = admit(manifest, self.runtime.site, groups=groups)
+            valid = admit(manifest, self.runtime.site, groups=groups
+                          if counts_siblings(manifest, old_status) else ())
             model = ClusterModel.from_manifest(valid, self.runtime.site)
             self._tls_allowed(model)
             poller = self.runtime.poller(model.backend, model.namespace)
@@ -372,7 +395,7 @@ class ClusterReconciler:
             _recovered(old_conditions, events)
             jobs = snapshot.owned_by(model.uid)
             ctx = self._context(model)
-            problem = self._ensure_tls(model, ctx)
+            problem = self._ensure_tls(model, ctx, jobs)
             if problem:
                 return {"message": problem, "conditions": old_conditions}
             live_sched = any(j.identity.role in SCHEDULER_ROLES and j.state is JobState.RUNNING
@@ -392,8 +415,12 @@ class ClusterReconciler:
                 # Before anything else, so no worker submitted from now on (the groups'
                 # included) finds the dead scheduler's address.
                 dask_rpc.remove_stale_scheduler_files(ctx)
-                events("Warning", "SchedulerLost", f"{plan.lost}; restarting the scheduler "
-                       f"(restart {plan.restarts} of {plan.max_restarts})")
+                # Once per loss: a restart whose submission is refused is tried again at
+                # each reconcile (planning.submitted_restarts), each saying SubmitFailed.
+                if not str(old_status.get("message") or "").startswith(
+                        f"scheduler lost: {plan.lost};"):
+                    events("Warning", "SchedulerLost", f"{plan.lost}; restarting the "
+                           f"scheduler (restart {plan.restarts} of {plan.max_restarts})")
             notes = await self._act(model, ctx, plan, dask, poller, events)
             if plan.lost:
                 new = [j.job_id for j in poller.snapshot.owned_by(model.uid)
@@ -496,10 +523,13 @@ class ClusterReconciler:
         # Scheduler first: its file appears sooner, and workers wait for it anyway.
         for identity in [i for i in identities if i.role in SCHEDULER_ROLES]:
             dask_rpc.remove_stale_scheduler_files(ctx)
+            # Replaced, never written through: the jobs' user may write the directory.
             if len(ctx.protocols) > 1:
-                Path(ctx.preload_path).write_text(LISTENERS_PRELOAD)
+                staging_files.replace_file(Path(ctx.preload_path),
+                                           LISTENERS_PRELOAD.encode())
             for preload in ctx.scheduler_preloads:
-                Path(preload).write_text(SCHEDULER_PRELOADS[Path(preload).name])
+                staging_files.replace_file(
+                    Path(preload), SCHEDULER_PRELOADS[Path(preload).name].encode())
             await one(self._render_scheduler(model, ctx, identity))
         workers = [i for i in identities if i.role is Role.WORKER]
         await asyncio.gather(*(one(r) for r in self._worker_requests(model, ctx, workers,
@@ -588,10 +618,12 @@ class ClusterReconciler:
                  if j.identity.owner_uid in owners],
                 self.runtime.backend(spec.get("backend") or self.runtime.site.backend,
                                      namespace))
-            # What the cluster computed outlives it (`dask-hpc history`): keep it first.
-            history.keep(staging, history.archive_path(
+            # What the cluster computed outlives it (`dask-hpc history`): keep it first. In
+            # threads: up to 50 performance reports of 1.7 MB each, on a shared filesystem,
+            # must not hold up every other cluster's reconcile.
+            await asyncio.to_thread(history.keep, staging, history.archive_path(
                 self.runtime.site.staging_dir, namespace, meta["name"], uid))
-            shutil.rmtree(staging, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
         return remaining
 
 
@@ -635,7 +667,7 @@ class GroupReconciler(ClusterReconciler):
             ctx = self._context(model)
             # Normally the cluster's reconcile made them already; a group reconciled first
             # must not submit workers whose scripts name files that do not exist yet.
-            problem = problem or self._ensure_tls(model, ctx)
+            problem = problem or self._ensure_tls(model, ctx, snapshot.owned_by(cmodel.uid))
             dask = await dask_rpc.observe(ctx.scheduler_file, self._groups_query(
                 model, jobs, (cmodel.groups[0], group)), tls.security_for(ctx.tls))
             plan = Plan()

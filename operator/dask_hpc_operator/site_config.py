@@ -87,6 +87,9 @@ class SiteConfig:
         known = {f.name: f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in (data or {}).items():
+            if not isinstance(key, str):  # YAML reads `1:` or `true:` as a non-string key
+                raise ConfigError(f"site config: key {key!r} is not a name; known keys: "
+                                  + ", ".join(sorted(_camel(k) for k in known)))
             attr = re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()  # stagingDir -> staging_dir
             if attr not in known:
                 raise ConfigError(f"site config: unknown key {key!r}; known keys: "

@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable
 
+from hpc_bridge.backends.base import BatchSystemError
 from hpc_bridge.model import ObservedJob
+from hpc_bridge.poller import BatchedPoller, BatchSystemUnavailable, Snapshot
 
 from .reconcile import Runtime
 
@@ -40,9 +42,18 @@ async def sweep(runtime: Runtime, list_uids: Callable[[], Awaitable[set[str]]],
     """Cancel the orphans on every backend in use (the site default at least) under every
     submitting identity (the site's and each namespace policy's submitAs: an squeue as one
     user lists only that user's jobs); returns the ids cancelled. Cancellation goes through
-    the same mechanism as a deletion, as the orphan's namespace's identity first."""
-    snapshots = [(kind, poller, await poller.refresh())
-                 for kind, poller in runtime.sweep_pollers()]
+    the same mechanism as a deletion, as the orphan's namespace's identity first.
+
+    An identity that cannot list or cancel (a missing sudo rule, an unreachable login
+    node) is logged and skipped: the other identities' orphans are still cancelled, and
+    its own wait for the next sweep."""
+    snapshots: list[tuple[str, BatchedPoller, Snapshot]] = []
+    for kind, poller in runtime.sweep_pollers():
+        try:
+            snapshots.append((kind, poller, await poller.refresh()))
+        except BatchSystemUnavailable as exc:
+            log.warning("orphan sweep: cannot list %s jobs as one identity, skipped: %s",
+                        kind, exc)
     live = await list_uids()
     cancelled: list[str] = []
     for kind, poller, snapshot in snapshots:
@@ -55,7 +66,11 @@ async def sweep(runtime: Runtime, list_uids: Callable[[], Awaitable[set[str]]],
             namespace = next(j.identity.namespace for j in found if j.identity.owner_uid == uid)
             log.warning("cancelling %s jobs of %s, which no longer exists: %s", kind,
                         uid, ", ".join(ids))
-            await runtime.end_jobs_on(uid, [runtime.poller(kind, namespace), poller],
-                                      _owned_by(uid))
+            try:
+                await runtime.end_jobs_on(uid, [runtime.poller(kind, namespace), poller],
+                                          _owned_by(uid))
+            except (BatchSystemUnavailable, BatchSystemError) as exc:
+                log.warning("orphan sweep: could not cancel every job of %s: %s", uid, exc)
+                continue
             cancelled += ids
     return cancelled

@@ -172,9 +172,13 @@ def generate(namespace: str, name: str, uid: str,
 
 
 def _complete(directory: Path) -> bool:
+    """Whether the set is whole. False only when a file is really not there (or empty);
+    any other error (ESTALE from an NFS server's failover, EACCES) is raised: taking a
+    filesystem's bad moment for a missing set would replace the CA under a running
+    scheduler, and nobody could talk to it any more."""
     try:
         return all((directory / n).stat().st_size > 0 for n in FILE_NAMES)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
 
 
@@ -197,16 +201,28 @@ def _tighten(directory: Path) -> None:
             (directory / n).chmod(FILE_MODE)
 
 
-def ensure_cluster_credentials(staging: Path, namespace: str, name: str, uid: str) -> TLSFiles:
+def ensure_cluster_credentials(staging: Path, namespace: str, name: str, uid: str,
+                               in_use: bool = False) -> TLSFiles:
     """The cluster's credentials, made on the first call and reused afterwards (idempotent:
-    every reconcile calls this; a restarted operator finds the files). A `tls` directory
-    that is not a complete set (someone removed a file) is replaced, with a warning: the
-    running scheduler keeps its old set, so such a cluster needs a restart anyway."""
+    every reconcile calls this; a restarted operator finds the files).
+
+    `in_use`: a scheduler job of the cluster runs (the caller's poll says so). It holds the
+    set it started with, so a set found missing or incomplete then is not replaced (a new CA
+    would lock the operator and every new worker out of it, silently): TLSError says what
+    to do. With no scheduler running, an incomplete set (someone removed a file) is
+    replaced, with a warning. An error other than a missing file is raised as it is
+    (OSError), and nothing is replaced."""
     final = tls_dir(staging)
     files = tls_files(staging)
     if _complete(final):
         _tighten(final)
         return files
+    if in_use:
+        raise TLSError(
+            f"{final} does not hold the cluster's TLS credentials ({', '.join(FILE_NAMES)}) "
+            "while its scheduler job runs with them: new ones would lock everyone out of "
+            f"it. Restore the files (the Secret {secret_name(name)} holds a copy where the "
+            "operator runs in Kubernetes), or delete and re-create the cluster")
     staging.mkdir(parents=True, exist_ok=True)
     if final.exists():
         log.warning("%s is not a complete set of TLS credentials: making new ones", final)
@@ -280,6 +296,13 @@ def verify_credentials(creds: Credentials, now: dt.datetime | None = None) -> No
         if not c.not_valid_before_utc <= now <= c.not_valid_after_utc:
             raise TLSError(f"{what} is valid from {c.not_valid_before_utc} to "
                            f"{c.not_valid_after_utc}, not now; re-create the cluster")
+
+
+def check_files(files: TLSFiles, now: dt.datetime | None = None) -> None:
+    """Raise TLSError unless the files are a usable set at `now` (verify_credentials).
+    Checked before the operator's RPC uses them: an expired certificate is then said in
+    the cluster's status, with what to do, not seen as a scheduler that does not answer."""
+    verify_credentials(load_credentials(files), now)
 
 
 # --- using them --------------------------------------------------------------------------

@@ -15,10 +15,12 @@ host), and a cluster whose scheduler never started still used core-hours.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hpc_bridge.accounting import AccountingCollector
@@ -30,7 +32,6 @@ from .usage import (
     JobUsage,
     Requested,
     UsageSummary,
-    UsageTotals,
     document,
     group_of,
     job_usage,
@@ -40,6 +41,22 @@ from .usage import (
 )
 
 log = logging.getLogger(__name__)
+
+# A job that left the poll with no final record is asked for again at each query, until
+# the batch system has answered this many queries without one, over at least this long
+# (slurmdbd may file a record a little after the job left squeue). Then its row is final
+# with the figures known (source `requested` or the last, unfinished record's): some jobs
+# never get a record (PBS without job history, a SLURM array task the completion log
+# cannot key, a site without sacct), and asking for every such job of every cluster
+# forever would grow each query without bound.
+GIVE_UP_QUERIES = 3
+GIVE_UP_AFTER_S = 600.0
+
+
+def gives_up(unanswered: int, seconds: float) -> bool:
+    """Whether a gone job's row is final without a record: `unanswered` queries answered
+    without one, over `seconds` (the query clock) since the first of them."""
+    return unanswered >= GIVE_UP_QUERIES and seconds >= GIVE_UP_AFTER_S
 
 
 @dataclass
@@ -57,16 +74,35 @@ class ClusterUsage:
     # between two queries finds them unchanged and computes nothing (1,000 clusters of 50
     # workers reconcile every few seconds).
     computed_from: tuple[float, frozenset[str]] | None = None
+    # Jobs gone from the poll without a final record: job id -> (queries answered without
+    # one, the query time of the first), for gives_up; `counted_as_of`: the query last
+    # counted (several reconciles may see the same one).
+    unanswered: dict[str, tuple[int, float]] = field(default_factory=dict)
+    counted_as_of: float = -1.0
     _summary: UsageSummary | None = None
+    # The /metrics scrape reads the rows from its own thread while the event loop puts:
+    # it sums a copy taken under the lock (never the dict while it changes), and caches
+    # the sum only if no row was put meanwhile.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _puts: int = 0
+    writing: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)  # see write()
 
     def put(self, row: JobUsage) -> None:
-        self.rows[row.job_id] = row
-        self._summary = None
+        with self._lock:
+            self.rows[row.job_id] = row
+            self._summary = None
+            self._puts += 1
 
     def summary(self) -> UsageSummary:
-        if self._summary is None:
-            self._summary = summarize(self.rows.values())
-        return self._summary
+        with self._lock:
+            if self._summary is not None:
+                return self._summary
+            rows, puts = list(self.rows.values()), self._puts
+        summary = summarize(rows)
+        with self._lock:
+            if self._puts == puts:
+                self._summary = summary
+        return summary
 
 
 class UsageLedger:
@@ -81,8 +117,6 @@ class UsageLedger:
         self.requested: dict[str, dict[str, Requested]] = {}
         self._collectors: dict[int, tuple[Backend, AccountingCollector]] = {}
         self._backend_of: dict[str, Backend] = {}  # cluster uid -> the backend it used
-        # Totals of deleted clusters per namespace, since this process started (metrics).
-        self.retired: dict[str, UsageTotals] = {}
 
     def collector(self, backend: Backend) -> AccountingCollector:
         """The one collector of this backend object (keyed by identity: a runtime may hold
@@ -136,6 +170,11 @@ class UsageLedger:
         if not force and entry.computed_from == basis:
             return entry
         entry.computed_from = basis
+        # A query the batch system answered (not failed) since the last one counted.
+        answered = as_of != entry.counted_as_of and collector.queries > 0 \
+            and collector.failures == 0
+        if answered:
+            entry.counted_as_of = as_of
         for job in ask:
             previous = entry.rows.get(job.job_id)
             if previous is not None and previous.final:
@@ -144,11 +183,21 @@ class UsageLedger:
                 Requested(previous.cores, previous.gpus) if previous else Requested(1, 0))
             updated = job_usage(seen.get(job.job_id), records.get(job.job_id), want, as_of,
                                 previous)
-            if updated is not None:
-                entry.put(updated)
+            if updated is None:
+                continue
+            if job.job_id in seen or updated.final:
+                entry.unanswered.pop(job.job_id, None)
+            elif answered:
+                count, since = entry.unanswered.get(job.job_id, (0, as_of))
+                if gives_up(count + 1, as_of - since):
+                    entry.unanswered.pop(job.job_id, None)
+                    updated = replace(updated, final=True)
+                else:
+                    entry.unanswered[job.job_id] = (count + 1, since)
+            entry.put(updated)
         entry.as_of = as_of
         if force or entry.written_as_of != as_of:
-            self.write(entry)
+            await self.write(entry)
         return entry
 
     async def finish(self, namespace: str, name: str, uid: str, path: Path,
@@ -163,23 +212,26 @@ class UsageLedger:
             return ClusterUsage(namespace, name, uid, path)
         entry = await self.update(namespace, name, uid, path, jobs,
                                   self._backend_of.get(uid, backend), force=True)
-        self.forget(uid)  # first: a scrape in between undercounts (a counter holds its
-        self.retired[namespace] = self.retired.get(namespace, UsageTotals()).plus(
-            entry.summary().total)  # value), where it would count the cluster twice
+        self.forget(uid)
         return entry
 
-    def write(self, entry: ClusterUsage) -> None:
+    async def write(self, entry: ClusterUsage) -> None:
         """Write the usage file, into the staging directory the reconcile made: never
-        re-create one a teardown removed."""
-        if not entry.path.parent.is_dir():
-            return
-        try:
-            history.write_json(entry.path, document(entry.namespace, entry.name, entry.uid,
-                                                    entry.rows.values(), entry.as_of))
-            entry.written_as_of = entry.as_of
-        except OSError as exc:  # a full or vanished staging directory: status still shows it
-            log.warning("could not write usage of %s/%s to %s: %s", entry.namespace,
-                        entry.name, entry.path, exc)
+        re-create one a teardown removed. The document is made here, from the rows as
+        they are; the file is written in a thread (a slow shared filesystem must not hold
+        up the event loop every cluster's reconcile runs on), one write per cluster at a
+        time, so an older document never lands after a newer one."""
+        async with entry.writing:
+            if not entry.path.parent.is_dir():
+                return
+            as_of = entry.as_of
+            doc = document(entry.namespace, entry.name, entry.uid, entry.rows.values(), as_of)
+            try:
+                await asyncio.to_thread(history.write_json, entry.path, doc)
+                entry.written_as_of = as_of
+            except OSError as exc:  # a full or vanished staging directory: status shows it
+                log.warning("could not write usage of %s/%s to %s: %s", entry.namespace,
+                            entry.name, entry.path, exc)
 
     def forget(self, uid: str) -> None:
         self.clusters.pop(uid, None)

@@ -16,7 +16,7 @@ import jsonschema
 from dask.utils import parse_bytes
 
 from . import crd_schema
-from .constants import API_VERSION, KIND_JOB
+from .constants import API_VERSION, DEFAULT_GROUP_NAME, KIND_JOB
 
 Manifest = dict[str, Any]
 
@@ -44,9 +44,13 @@ REFUSED_HINTS = {
         "environment, and submits without waiting; directives that change these (--uid, "
         "--gid, --get-user-env, --output/-o, --error/-e, --input/-i, --chdir/-D, --export, "
         "--comment, --job-name/-J, --array/-a, --wrap, --wait/-W, PBS -u -v -V -S -I -W, "
-        "or any abbreviation of them) are refused: remove it"),
+        "or any abbreviation of them) are refused, and so are --clusters, "
+        "--cluster-constraint and PBS -q queue@server, which send the job where the "
+        "operator cannot see it: remove it"),
 }
 UID = r"^[A-Za-z0-9-]{1,64}$"  # what hpc_bridge.model.JobIdentity accepts as an owner uid
+# DaskWorkerGroup names a cluster's own jobs already use as group (job names, usage groups).
+RESERVED_GROUP_NAMES = (DEFAULT_GROUP_NAME, "scheduler", "allocation")
 MAX_MEMORY = 64 * 2**40  # 64 TiB: larger is a typo, not a node
 MAX_WALLTIME_S = 365 * 86_400
 
@@ -345,6 +349,12 @@ def validate(manifest: Manifest) -> Manifest:
     elif "worker" in spec and "scheduler" in spec:
         check_cluster_spec(spec)
     elif "worker" in spec:
+        if metadata.get("name") in RESERVED_GROUP_NAMES:
+            raise ManifestError(
+                "metadata.name", f"{metadata['name']!r} is reserved: a cluster's own workers "
+                f"(spec.worker) are its group {DEFAULT_GROUP_NAME!r}, and 'scheduler' and "
+                "'allocation' name its scheduler's job in job names and usage",
+                "give the DaskWorkerGroup another name, e.g. gpu or big-memory")
         _check_worker(spec["worker"], "spec.worker")
     elif kind != KIND_JOB and "minimum" in spec and spec["minimum"] > spec["maximum"]:
         raise ManifestError("spec.minimum", "exceeds spec.maximum", "lower minimum")

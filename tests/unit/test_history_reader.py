@@ -104,6 +104,38 @@ def test_find_lists_live_and_kept_histories_live_first(tmp_path: Path) -> None:
     assert history.find(tmp_path / "missing") == []
 
 
+def test_a_cluster_whose_scheduler_never_started_is_found_by_its_usage(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No history.sqlite (the scheduler job never ran), but a usage file: its queued and
+    cancelled jobs used core-hours, so it is listed, live and once deleted, with no
+    computations."""
+    staging = tmp_path / "clusters" / "team" / "etl-1234abcd"
+    staging.mkdir(parents=True)
+    rows = [usage_row("101", "scheduler", 1, T0, 5, 0), usage_row("102", "default", 16, T0, 5,
+                                                                   3600)]
+    write_usage(staging / history.FILE_NAME, rows)
+    (live,) = history.find(tmp_path)
+    assert (live.key, live.archived) == ("team/etl-1234abcd", False)
+    loaded = history.load(live)
+    assert (loaded.uid, loaded.runs, loaded.computations) == ("1234abcd-5678", [], [])
+    assert loaded.usage_summary().total.core_hours == 16.0
+    history.keep(staging, history.archive_path(tmp_path, "team", "etl", "1234abcd-5678"))
+    for f in staging.iterdir():
+        f.unlink()
+    staging.rmdir()
+    (kept,) = history.find(tmp_path)
+    assert (kept.key, kept.archived) == ("team/etl-1234abcd", True) and not kept.path.exists()
+    code, out, _ = run_cli(capsys, "history", "--staging-dir", str(tmp_path))
+    assert code == 0
+    line = out.splitlines()[1].split()
+    assert line[:4] == ["team", "etl", "1234abcd", "empty,"] and line[-5:] == [
+        "0", "0", "0", "16.00", "0.00"]
+    assert "namespace team: 1 clusters, 2 batch jobs, 16.00 core-hours" in out
+    code, out, _ = run_cli(capsys, "history", "etl", "--staging-dir", str(tmp_path))
+    assert code == 0 and "no history: the scheduler never started" in out
+    assert "usage: 2 batch jobs, 16.00 core-hours" in out
+
+
 def test_load_reads_everything_and_judges_the_run(tmp_path: Path) -> None:
     f = history.HistoryFile("team", "etl", "1234abcd",
                             write_history(tmp_path, ended=False), archived=False)

@@ -314,6 +314,8 @@ def test_the_directive_denylist_is_a_crd_rule() -> None:
     ("--comment=x", False), ("--job-name=x", False), ("-J x", False), ("--array=1", False),
     ("--wait", False), ("-W block=true", False), ("--wrap=id", False), ("-v A=1", False),
     ("--nice -o/x", False), ("-H -ox", False),
+    ("--clusters=b", False), ("--cl=b", False), ("--cluster-constraint=x", False),
+    ("-q gpu@server2", False), ("-q gpu", True), ("-M me@example.org", True),
 ])
 def test_directive_rules(directive: str, allowed: bool) -> None:
     manifest = copy.deepcopy(BASES["cluster"])

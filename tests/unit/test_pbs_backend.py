@@ -26,7 +26,7 @@ from dask_hpc_operator.planning import DEFAULT_FAILURE_POLICY, plan_cluster
 from dask_hpc_operator.reconcile import ClusterReconciler, Runtime
 from dask_hpc_operator.site_config import SiteConfig
 from dask_hpc_operator.validation import validate
-from hpc_bridge.backends.base import BatchSystemError
+from hpc_bridge.backends.base import IDS_PER_CALL, BatchSystemError
 from hpc_bridge.backends.pbs import (
     EXEC_CODES,
     PBS_NAME_LIMIT,
@@ -893,6 +893,29 @@ async def test_usage_is_one_qstat_history_call_in_text(fake: FakePbs) -> None:
     (record,) = found.values()
     assert (record.job_id, record.source, record.final, record.cores, record.elapsed) == (
         "171390152.mycluster", "qstat", True, 1, 2.0)
+
+
+async def test_usage_asks_for_many_jobs_in_batches(fake: FakePbs) -> None:
+    """Thousands of ids are not one command line (past the kernel's argument limit at 1,000
+    clusters of 50 workers): IDS_PER_CALL per qstat, every id once, answers merged."""
+    finished = transcript("qstat-text-history-finished.txt")
+    fake.set("qstat-history", finished.stdout)
+    ids = [f"{n}.mycluster" for n in range(2 * IDS_PER_CALL)] + ["171390152.mycluster"]
+    found = await PbsBackend().usage([ObservedJob(i, ident(), JobState.RUNNING) for i in ids])
+    calls = fake.calls("qstat")
+    assert [len(c) - 3 for c in calls] == [IDS_PER_CALL, IDS_PER_CALL, 1]
+    assert [i for c in calls for i in c[3:]] == ids
+    assert list(found) == ["171390152.mycluster"] and found["171390152.mycluster"].final
+
+
+async def test_usage_of_an_unreachable_server_is_a_failure_not_no_record(
+        fake: FakePbs) -> None:
+    """qstat cannot reach the server: raised, so the usage ledger does not count the query
+    as one that found no record (it gives up on such jobs after a few)."""
+    fake.set("qstat-history", err="Connection refused\nqstat: cannot connect to server "
+             "pbs1 (errno=111)\n", rc=15010)
+    with pytest.raises(BatchSystemError, match="cannot connect to server"):
+        await PbsBackend().usage([ObservedJob("9.pbs1", ident(), JobState.RUNNING)])
 
 
 async def test_usage_without_job_history_asks_the_listing(fake: FakePbs) -> None:

@@ -86,3 +86,19 @@ async def test_at_most_max_reports(tmp_path: Path) -> None:
         await until(lambda: plugin.watcher is not None and plugin.watcher.done(),
                     "the watcher to stop at its limit")
     assert len(plugin.written) == 1 and len(list((tmp_path / "reports").glob("*.html"))) == 1
+    assert plugin.monitor_counts == {}  # nothing kept for computations never reported
+
+
+async def test_only_computations_distributed_keeps_are_remembered(tmp_path: Path) -> None:
+    """A long-lived scheduler serves many graphs; distributed keeps the last
+    `computations.max-history`, and the plugin keeps no more than that."""
+    plugin = performance.PerformanceReportPlugin(str(tmp_path / "reports"))
+    with dask.config.set({"distributed.diagnostics.computations.max-history": 5}):
+        async with Scheduler(dashboard_address=":0") as s, Worker(s.address, nthreads=1), \
+                Client(s.address, asynchronous=True) as client:
+            s.add_plugin(plugin)  # not started: no report is written, only update_graph
+            for n in range(30):  # one at a time: each graph is a computation of its own
+                assert await client.submit(increment, n, pure=False) == n + 1
+            assert len(s.computations) == 5
+            assert str(s.computations[-1].id) in plugin.monitor_counts
+            assert set(plugin.monitor_counts) <= {str(c.id) for c in s.computations}

@@ -26,6 +26,7 @@ from dask_hpc_operator.policy import (
     PolicyError,
     admit,
     check,
+    counts_siblings,
     directive_governs,
     make_staging,
     parse_namespaces,
@@ -36,6 +37,7 @@ from dask_hpc_operator.reconcile import GroupReconciler, Runtime
 from dask_hpc_operator.site_config import ConfigError, SiteConfig
 from dask_hpc_operator.sweep import sweep
 from dask_hpc_operator.validation import ManifestError, validate
+from hpc_bridge.backends.base import BatchSystemError
 from hpc_bridge.backends.slurm import SlurmBackend
 from hpc_bridge.model import (
     JobAccounting,
@@ -45,6 +47,7 @@ from hpc_bridge.model import (
     ObservedJob,
     Role,
 )
+from hpc_bridge.poller import BatchSystemUnavailable
 
 API = "hpc.dask.org/v1alpha1"
 NS = "physics"
@@ -219,7 +222,11 @@ def test_directives_must_match_when_a_list_is_given() -> None:
     ("--mem-per-cpu=100G", "slurm", ["maxMemoryPerJob"]),
     ("--gres=gpu:8", "slurm", ["maxGpus"]),
     ("--ntasks=64", "slurm", ["cores"]),
-    ("--exclusive", "slurm", ["cores"]),
+    ("--exclusive", "slurm", ["cores", "maxGpus"]),  # every GPU of its nodes too
+    ("--exc", "slurm", ["cores", "maxGpus"]),
+    ("-M other", "slurm", ["clusters"]),
+    ("--clusters=other", "slurm", ["clusters"]),
+    ("--cluster-constraint=x", "slurm", ["clusters"]),
     ("--array=0-999", "slurm", ["jobs"]),
     ("--uid=0", "slurm", ["identity"]),
     ("--constraint=haswell", "slurm", []),
@@ -229,8 +236,13 @@ def test_directives_must_match_when_a_list_is_given() -> None:
     ("-q gpu", "pbs", ["queues"]),
     ("-P chem", "pbs", ["accounts"]),
     ("-J 0-99", "pbs", ["jobs"]),
-    ("-l place=scatter", "pbs", ["cores"]),
+    ("-l place=excl", "pbs", ["cores", "maxGpus"]),
+    ("-l max_walltime=100:00:00", "pbs", ["maxWalltime"]),
+    ("-l min_walltime=10:00:00,max_walltime=99:00:00", "pbs", ["maxWalltime"]),
+    ("-l soft_walltime=100:00:00", "pbs", ["maxWalltime"]),
+    ("-q gpu@other-server", "pbs", ["queues", "clusters"]),
     ("-m abe", "pbs", []),
+    ("-M me@example.org", "pbs", []),  # PBS's -M: the mail recipients
     ("--time=1:00:00", "local", []),
 ])
 def test_what_a_directive_sets(directive: str, backend: str, governs: list[str]) -> None:
@@ -255,6 +267,26 @@ def test_directives_cannot_walk_around_a_limit(directive: str, rule: NamespacePo
     assert "would override what policy" in str(error)
     loose = NamespacePolicy(**{**rule.__dict__, "allowed_directives": (".*",)})
     refuse(cluster(worker={"extraDirectives": [directive]}), loose)
+
+
+def test_exclusive_nodes_are_governed_by_max_gpus_not_memory() -> None:
+    """--exclusive gets every GPU of the node; memory only as asked (--mem=0 asks all)."""
+    for directive in ("--exclusive", "--exc"):
+        error = refuse(cluster(worker={"extraDirectives": [directive]}), policy(max_gpus=0))
+        assert (error.field, error.rule) == ("spec.worker.extraDirectives[0]", "maxGpus")
+    accept(cluster(worker={"extraDirectives": ["--exclusive"]}),
+           policy(max_memory_per_job="8GiB"))
+    assert refuse(cluster(worker={"extraDirectives": ["--mem=0"]}),
+                  policy(max_memory_per_job="8GiB")).rule == "maxMemoryPerJob"
+    pbs = cluster(backend="pbs", worker={"extraDirectives": ["-l place=excl"]})
+    assert refuse(pbs, policy(max_gpus=2)).rule == "maxGpus"
+
+
+@pytest.mark.parametrize("resource", ["max_walltime", "min_walltime", "soft_walltime"])
+def test_pbs_walltime_resources_are_governed_by_max_walltime(resource: str) -> None:
+    manifest = cluster(backend="pbs", worker={"extraDirectives": [f"-l {resource}=99:00:00"]})
+    assert refuse(manifest, policy(max_walltime="08:00:00")).rule == "maxWalltime"
+    accept(manifest, policy(queues=("debug",)))
 
 
 def test_directives_of_unlimited_things_pass() -> None:
@@ -305,6 +337,31 @@ def test_max_workers_counts_every_group_of_the_cluster() -> None:
     accept(base, rule, groups=[gpu, big, group("x", of="c2", replicas=50),
                                group("y", namespace="other", replicas=50), gone,
                                group("bad", replicas=-1)])
+
+
+def test_a_group_the_operator_refuses_still_counts() -> None:
+    """An edit the CRD accepts and the operator refuses (100TiB) leaves the group's earlier
+    jobs running: its replicas, cores and GPUs are read where they are sane numbers, its
+    last live count (status.replicas) where they are not."""
+    rule = policy(max_workers=10, max_cores=1000, max_gpus=8)
+    base = cluster(worker={"replicas": 0})
+    edited = group("g1", replicas=10, memory="100TiB")
+    with pytest.raises(ManifestError):
+        validate(edited)
+    error = refuse(group("g2", replicas=1), rule, cluster_doc=base, groups=[edited])
+    assert "11 workers (10 of them in its other parts)" in str(error)
+    assert refuse(cluster(worker={"replicas": 1}), rule, groups=[edited]).rule == "maxWorkers"
+    # Unreadable replicas: the last live count; cores and GPUs as written where sane.
+    broken = group("g1", replicas=-1, cores=4, gpus=8, memory="100TiB")
+    broken["status"] = {"replicas": 9}
+    assert "11 workers (9 of them" in str(refuse(group("g2", replicas=2), rule,
+                                                  cluster_doc=base, groups=[broken]))
+    error = refuse(group("g2", replicas=1, gpus=1), policy(max_gpus=72), cluster_doc=base,
+                   groups=[broken])
+    assert "73 GPUs (72 of them in its other parts)" in str(error)
+    accept(group("g2", replicas=1), policy(max_workers=10), cluster_doc=base,
+           groups=[group("g1", replicas="ten"), group("g3", of="c2", replicas=50,
+                                                        memory="100TiB")])
 
 
 def test_a_group_without_a_known_cluster_counts_alone() -> None:
@@ -358,6 +415,20 @@ def test_an_allocation_counts_its_tasks() -> None:
     assert "lower it to 3" in str(error)
 
 
+def test_a_cluster_once_accepted_is_not_refused_for_a_group_added_later() -> None:
+    """The group that pushes the cluster over a limit is refused on its own reconcile; the
+    running cluster (maybe a DaskJob's) is not turned Failed for it. A new spec of the
+    cluster is checked with its groups, so it cannot grow into room they fill."""
+    manifest = cluster(worker={"replicas": 8})
+    ran = {"observedGeneration": 1, "conditions": [
+        {"type": "Accepted", "status": "True", "reason": "Valid"}]}
+    assert not counts_siblings(manifest, ran)
+    assert counts_siblings(manifest, {})  # never accepted
+    assert counts_siblings(manifest, {**ran, "observedGeneration": 0})  # a new spec
+    assert counts_siblings(manifest, {**ran, "conditions": [
+        {"type": "Accepted", "status": "False", "reason": "PolicyViolation"}]})
+
+
 # --- which policy applies ------------------------------------------------------------------
 
 def test_the_star_entry_covers_unlisted_namespaces() -> None:
@@ -382,6 +453,88 @@ def test_submit_prefix_per_namespace() -> None:
     assert submit_prefix(site, "chemistry") == ("ssh", "login1")  # a policy without submitAs
     assert submit_prefix(site, "root-ns") == ()  # [] is the operator's own user, no prefix
     assert submit_prefix(site, None) == ("ssh", "login1")
+
+
+# --- which batch system ---------------------------------------------------------------------
+
+AS_PHYS = ("sudo", "-n", "-u", "phys", "--")
+
+
+def test_the_local_backend_is_refused_where_jobs_run_as_another_user() -> None:
+    """Local jobs are the operator's own processes: under submitAs they would run the
+    namespace's prologue lines and DaskJob commands as the operator."""
+    rule = policy(submit_as=AS_PHYS)
+    error = refuse(cluster(backend="local"), rule)
+    assert (error.field, error.rule) == ("spec.backend", "submitAs")
+    assert "backend local runs jobs as the operator's own processes" in str(error)
+    assert "set spec.backend to slurm or pbs" in str(error)
+    job = daskjob()
+    job["spec"]["cluster"]["backend"] = "local"
+    assert refuse(job, rule).field == "spec.cluster.backend"
+    # A group joins its cluster's backend.
+    error = refuse(group("g"), rule, cluster_doc=cluster(backend="local"))
+    assert error.field == "spec.cluster" and "DaskCluster c1 uses backend local" in str(error)
+    # The site's default backend, when the manifest names none.
+    unnamed = cluster()
+    del unnamed["spec"]["backend"]
+    error = refuse(unnamed, rule, site=SiteConfig(backend="local"))
+    assert "backend local (the site's default)" in str(error)
+    accept(unnamed, rule)  # the site's slurm
+    accept(cluster(backend="local"), policy(submit_as=()))  # [] is the operator's account
+    accept(cluster(backend="local"), policy())
+    accept(autoscaler(2), rule, cluster_doc=cluster(backend="local"))  # submits nothing
+
+
+def test_backends_lists_the_batch_systems_a_namespace_may_use() -> None:
+    rule = policy(backends=("slurm",))
+    accept(cluster(), rule)
+    error = refuse(cluster(backend="pbs"), rule)
+    assert (error.field, error.rule) == ("spec.backend", "backends")
+    assert "backend pbs is not allowed by policy backends" in str(error)
+    assert "set spec.backend to slurm" in str(error)
+    error = refuse(cluster(backend="local"), policy(backends=("slurm", "local"),
+                                                    submit_as=AS_PHYS))
+    assert error.rule == "submitAs" and "set spec.backend to slurm," in str(error)
+    site = SiteConfig.from_mapping({"namespaces": {NS: {"backends": ["slurm", "pbs"]}}})
+    assert site.namespaces[NS].backends == ("slurm", "pbs")
+    with pytest.raises(ConfigError, match=r"namespaces.physics.backends\[1\] 'lsf'"):
+        SiteConfig.from_mapping({"namespaces": {NS: {"backends": ["slurm", "lsf"]}}})
+
+
+async def test_a_local_cluster_under_submit_as_runs_nothing(tmp_path: Path) -> None:
+    site = SiteConfig(backend="slurm", staging_dir=str(tmp_path),
+                      namespaces={NS: policy(submit_as=AS_PHYS)})
+    canary = tmp_path / "pwned"
+    manifest = cluster(backend="local", worker={"replicas": 1},
+                       scheduler={"prologue": [f"touch {canary}"]})
+    status = await GroupReconciler(Runtime(site)).reconcile(manifest, {})
+    assert accepted(status)["reason"] == "PolicyViolation"
+    assert status["message"].startswith("spec.backend: ")
+    assert not canary.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("directive", ["-M other", "--clusters=other", "-q gpu@other"])
+def test_a_job_cannot_be_sent_to_another_cluster(directive: str) -> None:
+    """The operator's squeue/qstat lists its own cluster (server) only: it would never see
+    the job and would submit it again every period. Refused with or without a policy."""
+    with pytest.raises(ManifestError) as info:
+        admit(cluster(worker={"extraDirectives": ["--qos=low", directive]}), SITE)
+    assert info.value.field == "spec.worker.extraDirectives[1]"
+    with pytest.raises(ManifestError) as info:
+        admit(group("g", extraDirectives=[directive]), SITE, cluster=cluster())
+    assert info.value.field == "spec.worker.extraDirectives[0]"
+
+
+def test_pbs_mail_recipients_stay_allowed() -> None:
+    """-M is the mail list on PBS, --clusters on SLURM: only the backend tells them apart."""
+    admit(cluster(backend="pbs", worker={"extraDirectives": ["-M me@example.org"]}), SITE)
+    admit(group("g", extraDirectives=["-M me@example.org"]), SITE,
+          cluster=cluster(backend="pbs"))
+    unnamed = cluster(worker={"extraDirectives": ["-M me@example.org"]})
+    del unnamed["spec"]["backend"]
+    admit(unnamed, SiteConfig(backend="pbs"))
+    with pytest.raises(ManifestError, match="another slurm cluster"):
+        admit(unnamed, SITE)
 
 
 # --- the site configuration ----------------------------------------------------------------
@@ -701,6 +854,77 @@ async def test_sweep_polls_and_cancels_as_every_identity() -> None:
     assert log[:4] == ["poll as site", "poll as phys", "poll as guest", "list"]
     assert "cancel 2 as site" in log and "cancel 3 as phys" in log
     assert [j.job_id for j in own.jobs + phys.jobs if j.state.live] == ["1", "4"]
+
+
+class Refusing(Listing):
+    """An identity the batch commands cannot run as (its sudo rule is missing)."""
+
+    async def poll(self) -> list[ObservedJob]:
+        self.log.append(f"poll as {self.who}")
+        raise BatchSystemError("sudo: a password is required")
+
+
+async def test_one_identity_that_cannot_list_does_not_stop_the_sweep() -> None:
+    log: list[str] = []
+    site = SiteConfig(**{**IDENTITIES.__dict__, "min_poll_interval": 0.001})
+    own = Listing([job("2", "gone", "chemistry")], log, "site")
+    runtime = Runtime(site, backends={"slurm": own}, identity_backends={
+        ("slurm", ("sudo", "-n", "-u", "phys", "--")): Refusing([], log, "phys"),
+        ("slurm", ("sudo", "-n", "-u", "guest", "--")): Listing(
+            [job("3", "gone-too", "biology")], log, "guest")})
+
+    async def list_uids() -> set[str]:
+        return set()
+
+    assert sorted(await sweep(runtime, list_uids)) == ["2", "3"]
+    assert "poll as phys" in log and "cancel 2 as site" in log and "cancel 3 as guest" in log
+
+
+async def test_ending_jobs_goes_on_past_an_identity_that_fails_then_says_so() -> None:
+    """squeueAllUsers: the site's identity lists a physics job whose own identity cannot
+    be used. It is cancelled all the same; the failure is still raised (a deletion must
+    not pass for done while one identity could not look)."""
+    log: list[str] = []
+    site = SiteConfig(**{**IDENTITIES.__dict__, "min_poll_interval": 0.001})
+    own = Listing([job("3", "gone", "physics")], log, "site")
+    runtime = Runtime(site, backends={"slurm": own}, identity_backends={
+        ("slurm", ("sudo", "-n", "-u", "phys", "--")): Refusing([], log, "phys")})
+    with pytest.raises(BatchSystemUnavailable, match="password"):
+        await runtime.end_jobs_on("gone", [runtime.poller("slurm", "physics"),
+                                           runtime.poller("slurm")],
+                                  lambda j: j.identity.owner_uid == "gone")
+    assert log == ["poll as phys", "poll as site", "cancel 3 as site"]
+
+
+class Accepting(Listing):
+    """A batch system that accepts submissions, listed as pending from then on."""
+
+    async def submit(self, request: JobRequest) -> str:
+        self.log.append(f"submit as {self.who}")
+        job_id = str(len(self.log))
+        self.jobs.append(ObservedJob(job_id, request.identity, JobState.PENDING))
+        return job_id
+
+
+async def test_a_running_cluster_stays_accepted_when_a_group_pushes_it_over(
+        tmp_path: Path) -> None:
+    log: list[str] = []
+    site = SiteConfig(backend="slurm", staging_dir=str(tmp_path), min_poll_interval=0.001,
+                      poll_interval=0.001, namespaces={NS: policy(max_workers=10)})
+    reconciler = GroupReconciler(Runtime(site, backends={"slurm": Accepting([], log, "site")}))
+    manifest = cluster(worker={"replicas": 8})
+    status = await reconciler.reconcile(manifest, {})
+    assert accepted(status)["status"] == "True" and log
+    extra = group("extra", replicas=5)
+    again = await reconciler.reconcile(manifest, status, groups=[extra])
+    assert accepted(again)["status"] == "True" and again["phase"] != "Failed"
+    refused = await reconciler.reconcile_group(extra, {}, manifest, groups=[extra])
+    assert accepted(refused)["reason"] == "PolicyViolation"
+    # The cluster's own new spec is checked with its groups.
+    grown = cluster(worker={"replicas": 9})
+    grown["metadata"]["generation"] = 2
+    status = await reconciler.reconcile(grown, again, groups=[extra])
+    assert accepted(status)["reason"] == "PolicyViolation"
 
 
 def test_handlers_find_a_clusters_groups_in_their_index() -> None:

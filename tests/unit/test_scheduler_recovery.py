@@ -121,6 +121,28 @@ def test_restart_status_names_the_lost_job_and_the_restart() -> None:
     assert status["schedulerRestarts"] == 1
 
 
+def test_a_refused_submission_is_not_counted_as_a_restart() -> None:
+    """sbatch of the new scheduler refused (a QOS limit): nothing new is visible after
+    acting, so status.schedulerRestarts stays where it was and the next reconcile tries the
+    same restart again, however many times, instead of using up maxRestarts."""
+    jobs = [sched("s0", JobState.FAILED)]
+    status: dict[str, Any] = {"schedulerJobId": "s0"}
+    for _ in range(5):
+        plan = plan_cluster(model(1), jobs, None, status["schedulerJobId"], now=NOW_S,
+                            recovery=RESTART, restarts=status.get("schedulerRestarts", 0))
+        assert (plan.submit[0].role, plan.submit[0].index) == (Role.SCHEDULER, 1)
+        plan.notes.append("submission failed: QOSMaxSubmitJobPerUserLimit")
+        status.update({k: v for k, v in cluster_status(model(1), jobs, None, plan,
+                                                       now=NOW).items() if v is not None})
+        assert status["phase"] == "Pending" and status["schedulerRestarts"] == 0
+        assert "submission failed" in status["message"]
+    # Once the submission goes through, the restart is counted.
+    plan = plan_cluster(model(1), jobs, None, "s0", now=NOW_S, recovery=RESTART,
+                        restarts=status["schedulerRestarts"])
+    assert cluster_status(model(1), act(jobs, plan), None, plan,
+                          now=NOW)["schedulerRestarts"] == 1
+
+
 def test_the_limit_fails_the_cluster_and_says_what_to_do() -> None:
     jobs = [sched("s3", JobState.FAILED, index=3, reason="NodeFail"), worker(7)]
     plan = plan_cluster(model(1), jobs, None, "s3", now=NOW_S, recovery=RESTART)

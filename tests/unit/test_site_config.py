@@ -54,6 +54,17 @@ def test_unknown_key_lists_known_keys() -> None:
         assert known in message
 
 
+@pytest.mark.parametrize("key", [1, True, None, 2.5])
+def test_a_key_that_is_not_a_name_is_a_config_error(tmp_path: Path, key: object) -> None:
+    """YAML reads `1:`, `true:` or `~:` as a number, a bool or null, not a name."""
+    with pytest.raises(ConfigError, match=f"site config: key {key!r} is not a name"):
+        SiteConfig.from_mapping({key: "x"})  # type: ignore[dict-item]
+    path = tmp_path / "site.yaml"
+    path.write_text("backend: slurm\ntrue: 1\n")
+    with pytest.raises(ConfigError, match="key True is not a name"):
+        SiteConfig.load(path)
+
+
 @pytest.mark.parametrize("python", ["python3", "/usr/bin/python 3", "/opt/py;rm -rf /",
                                     "/opt/$(id)/python", "/opt/`id`", "~/bin/python",
                                     "/usr/bin/python\n#SBATCH --uid=0", ""])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_bridge.backends.base import BatchSystemError, CommandRunner
+from hpc_bridge.backends.base import IDS_PER_CALL, BatchSystemError, CommandRunner
 from hpc_bridge.backends.slurm import (
     SQUEUE_FORMAT,
     STATES,
@@ -367,7 +367,7 @@ async def test_accounting_disabled_falls_back_to_completion_log(fake: FakeSlurm)
 async def test_sacct_unusable_gives_gone_and_is_not_retried(fake: FakeSlurm) -> None:
     backend = SlurmBackend()
     fake.set("sacct", err="sacct: error: Slurm accounting storage is disabled\n", rc=1)
-    fake.set("sacct-completion", err="sacct: error: no completion log\n", rc=1)
+    fake.set("sacct-completion", err="sacct: error: Slurm job completion is disabled\n", rc=1)
     fake.set("squeue", squeue_lines(("12", "RUNNING", "None", 0), ("13", "RUNNING", "None", 1)))
     await backend.poll()
     fake.set("squeue", squeue_lines(("13", "RUNNING", "None", 1)))
@@ -379,6 +379,42 @@ async def test_sacct_unusable_gives_gone_and_is_not_retried(fake: FakeSlurm) -> 
     assert job.job_id == "13"
     assert job.state is JobState.GONE
     assert len(fake.calls("sacct")) == 2  # not asked again
+
+
+USAGE_LINE = ("101|COMPLETED|2026-05-28T10:00:00|2026-05-28T10:00:00|2026-05-28T10:02:00|"
+              "2026-05-28T11:02:00|16|cpu=16|3600\n")
+
+
+async def test_a_passing_sacct_failure_is_asked_again(fake: FakeSlurm) -> None:
+    """slurmdbd restarting is this time's failure, not the site's: raised (the collector
+    counts a failed query, not "no record"), and the next query asks sacct again (not the
+    completion log, and not never again)."""
+    job = ObservedJob("101", ident(), JobState.RUNNING)
+    backend = SlurmBackend()
+    fake.set("sacct", err="sacct: error: Problem talking to the database: Connection "
+             "refused\n", rc=1)
+    with pytest.raises(BatchSystemError, match="Problem talking to the database"):
+        await backend.usage([job])
+    fake.set("sacct", USAGE_LINE)
+    found = await backend.usage([job])
+    assert found["101"].final and found["101"].cores == 16
+    assert [c[:2] for c in fake.calls("sacct")] == [["sacct", "--noheader"]] * 2
+
+
+async def test_sacct_asks_for_many_jobs_in_batches(fake: FakeSlurm) -> None:
+    """20,000 jobs (400 clusters of 50 workers): one --jobs argument with every id is past
+    the kernel's 128 KiB limit for one argument (E2BIG); asked IDS_PER_CALL at a time,
+    every id is asked once and the answers are merged."""
+    jobs = [ObservedJob(str(100 + i), ident(index=i), JobState.RUNNING) for i in range(20_000)]
+    fake.set("sacct", USAGE_LINE)
+    found = await SlurmBackend().usage(jobs)
+    assert list(found) == ["101"]
+    calls = fake.calls("sacct")
+    assert len(calls) == 20_000 // IDS_PER_CALL
+    asked = [a.removeprefix("--jobs=").split(",") for c in calls for a in c
+             if a.startswith("--jobs=")]
+    assert all(len(batch) == IDS_PER_CALL for batch in asked)
+    assert [i for batch in asked for i in batch] == [j.job_id for j in jobs]
 
 
 async def test_sacct_missing_gives_gone(fake: FakeSlurm) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import errno
 import os
 import shlex
 import ssl
@@ -31,7 +32,15 @@ from dask_hpc_operator.model import ClusterModel
 from dask_hpc_operator.reconcile import ClusterReconciler, Runtime
 from dask_hpc_operator.site_config import SiteConfig
 from dask_hpc_operator.validation import ManifestError, validate
-from hpc_bridge.model import JobIdentity, JobTemplate, Role, RunnerCommand, TLSFiles
+from hpc_bridge.model import (
+    JobIdentity,
+    JobState,
+    JobTemplate,
+    ObservedJob,
+    Role,
+    RunnerCommand,
+    TLSFiles,
+)
 from hpc_bridge.preloads import scaling as scaling_preload
 from hpc_bridge.scripts import RenderContext, render_runner, render_scheduler, render_worker
 
@@ -84,6 +93,70 @@ def test_an_incomplete_set_is_replaced_by_a_whole_one(tmp_path: Path) -> None:
     assert new.ca_pem != old.ca_pem
     tls.verify_credentials(new)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tls"]
+
+
+def test_a_filesystem_error_is_not_taken_for_a_missing_set(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ESTALE (an NFS server's failover) while looking at the files: raised, and the set the
+    scheduler runs with is kept, not replaced by a new CA nobody else has. Simulated: no
+    NFS server can fail over here (the one thing in this test that is not real)."""
+    files = make(tmp_path)
+    before = tls.load_credentials(files)
+    real_stat = Path.stat
+
+    def stale(self: Path, *args: Any, **kwargs: Any) -> os.stat_result:
+        if self.name == tls.KEY:
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stale)
+    with pytest.raises(OSError, match="Stale file handle"):
+        make(tmp_path)
+    monkeypatch.setattr(Path, "stat", real_stat)
+    assert make(tmp_path) == files and tls.load_credentials(files) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tls"]
+
+
+def test_an_incomplete_set_is_not_replaced_under_a_running_scheduler(tmp_path: Path) -> None:
+    """The running scheduler holds the old CA: a new one would lock the operator and every
+    new worker out of it. Refused with what to do; nothing is touched."""
+    files = make(tmp_path)
+    ca = Path(files.ca_file).read_bytes()
+    os.unlink(files.key_file)
+    with pytest.raises(tls.TLSError, match=r"c1-dask-tls holds a copy.*re-create the cluster"):
+        tls.ensure_cluster_credentials(tmp_path, "ns", "c1", UID, in_use=True)
+    assert Path(files.ca_file).read_bytes() == ca and not Path(files.key_file).exists()
+
+
+def _scheduler_job(state: JobState) -> ObservedJob:
+    return ObservedJob("101", JobIdentity("ns", "c1", UID, Role.SCHEDULER, "default", 0), state)
+
+
+def test_the_reconcile_reports_unusable_credentials_instead_of_using_them(
+        tmp_path: Path) -> None:
+    """ClusterReconciler._ensure_tls, the gate before any job is rendered or the scheduler
+    asked anything: each problem is a status message that says what to do."""
+    reconciler = ClusterReconciler(Runtime(SiteConfig(staging_dir=str(tmp_path))))
+    model = ClusterModel.from_manifest(validate(cluster_manifest(protocol="tls")),
+                                       reconciler.runtime.site)
+    ctx = reconciler._context(model)
+    assert ctx.tls is not None
+    running, gone = [_scheduler_job(JobState.RUNNING)], [_scheduler_job(JobState.FAILED)]
+    assert reconciler._ensure_tls(model, ctx, []) == ""  # made
+    os.unlink(ctx.tls.key_file)
+    problem = reconciler._ensure_tls(model, ctx, running)
+    assert "while its scheduler job runs" in problem and "re-create the cluster" in problem
+    assert not Path(ctx.tls.key_file).exists()
+    assert reconciler._ensure_tls(model, ctx, gone) == ""  # no scheduler to lock out: remade
+    # Expired (a cluster older than TLS_VALIDITY_DAYS): said, not a silent "no answer".
+    old = tls.generate("ns", "c1", UID, now=dt.datetime.now(dt.timezone.utc)
+                       - dt.timedelta(days=TLS_VALIDITY_DAYS + 1))
+    for path, data in zip((ctx.tls.ca_file, ctx.tls.cert_file, ctx.tls.key_file),
+                          (old.ca_pem, old.cert_pem, old.key_pem), strict=True):
+        Path(path).write_bytes(data)
+    problem = reconciler._ensure_tls(model, ctx, running)
+    assert problem.startswith("the cluster's TLS credentials cannot be used: ca.crt is "
+                              "valid from") and problem.endswith("re-create the cluster")
 
 
 def test_a_failed_write_leaves_no_half_set(tmp_path: Path,

@@ -11,11 +11,14 @@ import datetime as dt
 import json
 import os
 import signal
+import sys
+import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
 
+from dask_hpc_operator import usage_ledger
 from dask_hpc_operator.metrics import OperatorMetrics
 from dask_hpc_operator.model import ClusterModel
 from dask_hpc_operator.reconcile import Runtime
@@ -30,8 +33,14 @@ from dask_hpc_operator.usage import (
     status_of,
     summarize,
 )
-from dask_hpc_operator.usage_ledger import UsageLedger
+from dask_hpc_operator.usage_ledger import (
+    GIVE_UP_AFTER_S,
+    GIVE_UP_QUERIES,
+    UsageLedger,
+    gives_up,
+)
 from hpc_bridge.accounting import AccountingCollector
+from hpc_bridge.backends.base import BatchSystemError
 from hpc_bridge.backends.local import LocalBackend
 from hpc_bridge.backends.pbs import accounting, parse_qstat_json, parse_qstat_text
 from hpc_bridge.backends.slurm import parse_sacct_usage, tres_gpus
@@ -341,6 +350,64 @@ async def test_ledger_keeps_jobs_across_restarts_and_counts_group_jobs(
     assert summarize(again.rows.values()).total.jobs == 2
 
 
+class NoRecords:
+    """A batch system that keeps no record of finished jobs (PBS without job history: its
+    qstat answers "Unknown Job Id"), or fails to answer. A stand-in: no PBS runs here."""
+
+    kind = "pbs"
+
+    def __init__(self) -> None:
+        self.asked: list[list[str]] = []
+        self.failing = False
+
+    async def usage(self, jobs: Sequence[ObservedJob]) -> dict[str, JobAccounting]:
+        if self.failing:
+            raise BatchSystemError("qstat did not answer within 60s")
+        self.asked.append(sorted(j.job_id for j in jobs))
+        return {}
+
+
+def test_a_gone_job_without_a_record_is_given_up_after_queries_and_time() -> None:
+    assert not gives_up(GIVE_UP_QUERIES - 1, GIVE_UP_AFTER_S)
+    assert not gives_up(GIVE_UP_QUERIES, GIVE_UP_AFTER_S - 1)  # slurmdbd may lag a little
+    assert gives_up(GIVE_UP_QUERIES, GIVE_UP_AFTER_S)
+
+
+async def test_a_gone_job_the_batch_system_has_no_record_of_is_not_asked_for_forever(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Autoscaled clusters replace workers all day: a job that left the poll and that the
+    batch system has no record of is final (with what the poll saw, source `requested`)
+    after GIVE_UP_QUERIES answered queries, then never asked for again. Failed queries do
+    not count."""
+    backend = NoRecords()
+    ledger = UsageLedger(interval=0)  # every update is a query
+    path = tmp_path / "usage.json"
+    job = ObservedJob("7.pbs", ident(), JobState.RUNNING, started_at=1.0)
+
+    async def update(*jobs: ObservedJob) -> JobUsage:
+        entry = await ledger.update("ns", "c1", UID, path, list(jobs), backend)  # type: ignore[arg-type]
+        return entry.rows["7.pbs"]
+
+    await update(job)  # seen running
+    for _ in range(GIVE_UP_QUERIES):  # gone, asked for, no record: not before the time floor
+        assert not (await update()).final
+    monkeypatch.setattr(usage_ledger, "GIVE_UP_AFTER_S", 0.0)  # as if ten minutes went by
+    ledger.clusters[UID].unanswered.clear()
+    for _ in range(GIVE_UP_QUERIES - 1):
+        assert not (await update()).final
+    backend.failing = True
+    assert not (await update()).final  # not answered: not counted
+    backend.failing = False
+    row = await update()
+    assert row.final and row.source == REQUESTED and row.started_at == 1.0
+    assert json.loads(path.read_text())["jobs"][0]["final"] is True
+    asked = len(backend.asked)
+    other = ObservedJob("8.pbs", ident(index=1), JobState.RUNNING, started_at=2.0)
+    await ledger.update("ns", "c1", UID, path, [other], backend)  # type: ignore[arg-type]
+    await ledger.update("ns", "c1", UID, path, [other], backend)  # type: ignore[arg-type]
+    assert backend.asked[asked:] == [["8.pbs"], ["8.pbs"]]  # 7.pbs: never again
+
+
 async def test_usage_figures_move_once_per_query(local: CountingLocal, tmp_path: Path) -> None:
     """A running job is counted up to the latest query, so status.usage (and the file) do
     not change at every reconcile."""
@@ -364,7 +431,38 @@ async def test_teardown_of_a_removed_staging_directory_writes_nothing(
 
 # --- metrics ------------------------------------------------------------------------------------
 
-def test_usage_metrics_per_cluster_group_and_namespace(tmp_path: Path) -> None:
+def test_a_scrape_sums_rows_while_the_loop_puts_them(tmp_path: Path) -> None:
+    """The /metrics thread sums a cluster's rows while the event loop adds them: without a
+    copy under the lock, "dictionary changed size during iteration". A short thread switch
+    interval makes the interleaving that a busy operator meets by chance happen at once."""
+    entry = UsageLedger()._entry("ns", "c1", UID, tmp_path / "usage.json")
+    errors: list[Exception] = []
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.is_set():
+            try:
+                entry.summary()
+            except RuntimeError as exc:
+                errors.append(exc)
+                return
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        for i in range(5000):
+            entry.put(row(str(i), "default", 1, 60, 1))
+    finally:
+        stop.set()
+        scraper.join()
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert entry.summary().total.jobs == 5000  # the cache is not a sum from before a put
+
+
+def test_usage_metrics_per_cluster_and_group(tmp_path: Path) -> None:
     runtime = Runtime(SiteConfig(staging_dir=str(tmp_path)))
     ledger = runtime.usage()
     entry = ledger._entry("team", "etl", UID, tmp_path / "usage.json")
@@ -372,7 +470,6 @@ def test_usage_metrics_per_cluster_group_and_namespace(tmp_path: Path) -> None:
               row("2", "default", 4, 1800, 10, namespace="team", gpus=1),
               row("3", "default", 4, 900, 20, namespace="team")):
         entry.put(r)
-    ledger.retired["team"] = UsageTotals(1, 10.0, 1.0, 3600, 0, 0)  # a deleted cluster
     metrics = OperatorMetrics(runtime)
 
     def value(name: str, **labels: str) -> float | None:
@@ -384,8 +481,11 @@ def test_usage_metrics_per_cluster_group_and_namespace(tmp_path: Path) -> None:
     assert value("dask_hpc_cluster_gpu_hours_total", **labels, group="default") == 0.5
     assert value("dask_hpc_cluster_queue_wait_seconds_count", **labels, group="default") == 2
     assert value("dask_hpc_cluster_queue_wait_seconds_sum", **labels, group="default") == 30
-    assert value("dask_hpc_namespace_core_hours_total", namespace="team") == 14.0
-    assert value("dask_hpc_namespace_gpu_hours_total", namespace="team") == 1.5
+    # No per-namespace counter: it would drop the deleted clusters at an operator restart,
+    # which Prometheus reads as a reset (their hours counted twice by increase()).
+    names = {m.name for m in metrics.registry().collect()}
+    assert "dask_hpc_cluster_core_hours" in names
+    assert not any(n.startswith("dask_hpc_namespace_") for n in names)
     # A final record that ends a job a little before the last query counted: the counter
     # holds its value instead of going down (Prometheus would read a reset).
     entry.put(row("3", "default", 4, 450, 20, namespace="team"))

@@ -375,3 +375,15 @@ def test_daskjob_needs_exactly_one_of_command_and_script() -> None:
             validate(job(fields))
         assert err.value.field == "spec.job"
     assert validate(job({"script": "print(1)"}))["spec"]["mode"] == "cluster"
+
+
+@pytest.mark.parametrize("name", ["default", "scheduler", "allocation"])
+def test_worker_group_names_the_cluster_uses_itself_are_refused(name: str) -> None:
+    """A DaskWorkerGroup named like the cluster's own worker group or its scheduler's job
+    would share their job names and usage groups."""
+    manifest = group({"cluster": "c1", "worker": {"replicas": 1}})
+    manifest["metadata"]["name"] = name
+    with pytest.raises(ManifestError) as err:
+        validate(manifest)
+    assert err.value.field == "metadata.name" and "is reserved" in str(err.value)
+    assert "another name" in str(err.value)

@@ -19,6 +19,18 @@ class BatchSystemError(RuntimeError):
     """A batch-system command failed or timed out; the message carries its stderr."""
 
 
+# Job ids per command for the queries that name their jobs (sacct --jobs, qstat -f): one
+# --jobs argument with every id of 1,000 clusters of 50 workers is past the kernel's limit
+# for one argument (MAX_ARG_STRLEN, 128 KiB) and the exec fails with E2BIG. 500 ids are a
+# few KiB, and such queries stay a handful of calls.
+IDS_PER_CALL = 500
+
+
+def id_batches(ids: Sequence[str], size: int = IDS_PER_CALL) -> list[list[str]]:
+    """`ids` in consecutive lists of at most `size` (none for no ids)."""
+    return [list(ids[i:i + size]) for i in range(0, len(ids), size)]
+
+
 class Backend(Protocol):
     kind: str
     supports_arrays: bool  # submit() accepts JobRequest.array (one submission, many tasks)
@@ -45,9 +57,12 @@ class Backend(Protocol):
         ...
 
     async def usage(self, jobs: Sequence[ObservedJob]) -> dict[str, JobAccounting]:
-        """The batch system's accounting records of these jobs, in ONE query, keyed by job
-        id (jobs it has no record of are left out; a failing query gives none). Jobs, not
-        ids: SLURM's completion log needs the raw id squeue showed for an array task."""
+        """The batch system's accounting records of these jobs, in ONE query (of at most
+        IDS_PER_CALL ids per command), keyed by job id (jobs it has no record of are left
+        out). A query the batch system did not answer at all raises BatchSystemError, so
+        that it is not taken for "no record" (the usage ledger gives up on jobs with
+        none). Jobs, not ids: SLURM's completion log needs the raw id squeue showed for an
+        array task."""
         ...
 
 

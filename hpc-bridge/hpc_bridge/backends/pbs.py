@@ -51,7 +51,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..model import JobAccounting, JobIdentity, JobRequest, JobState, ObservedJob
-from .base import BatchSystemError, CommandRunner, with_departed
+from .base import BatchSystemError, CommandRunner, id_batches, with_departed
 
 log = logging.getLogger(__name__)
 
@@ -484,23 +484,27 @@ class PbsBackend:
         return jobs
 
     async def _departed(self, job_ids: list[str]) -> list[ObservedJob]:
-        """Jobs the listing no longer shows, from their history records (one call, text)."""
+        """Jobs the listing no longer shows, from their history records (one call per
+        IDS_PER_CALL jobs, text)."""
         records: dict[str, dict[str, str]] = {}
         unknown: set[str] = set()
         why = "no longer reported by qstat"
-        if self._history:
+        for batch in id_batches(job_ids):
+            if not self._history:
+                break
             try:
-                rc, out, err = await self.runner.run(["qstat", "-x", "-f", *job_ids],
+                rc, out, err = await self.runner.run(["qstat", "-x", "-f", *batch],
                                                      check=False)
             except BatchSystemError as exc:
                 rc, out, err = 1, "", str(exc)
-            records = parse_qstat_text(out)
-            unknown = set(_UNKNOWN_JOB.findall(err))
+            found = parse_qstat_text(out)
+            records.update(found)
+            unknown.update(_UNKNOWN_JOB.findall(err))
             if _HISTORY_DISABLED in err:
                 log.info("PBS keeps no job history: finished jobs are GONE, exit codes unknown")
                 self._history = False
                 why = "finished (PBS keeps no job history)"
-            elif rc != 0 and not records and not unknown:
+            elif rc != 0 and not found and not _UNKNOWN_JOB.search(err):
                 why = f"no longer reported by qstat; qstat -x failed: {err.strip()}"
         result = []
         for job_id in job_ids:
@@ -524,26 +528,33 @@ class PbsBackend:
         return result
 
     async def usage(self, jobs: Sequence[ObservedJob]) -> dict[str, JobAccounting]:
-        """Usage records of these jobs in ONE `qstat -x -f ID...` (text: several ids work
-        in text on every version, not in JSON, see the module docstring); without job
-        history, `qstat -f ID...` (finished jobs are then unknown). Unknown ids are left
-        out; a failing qstat gives no records (usage then counts from the requests)."""
-        ids = [j.job_id for j in jobs]
-        if not ids:
-            return {}
-        for _ in range(2):
-            argv = ["qstat", *(["-x"] if self._history else []), "-f", *ids]
-            try:
-                _rc, out, err = await self.runner.run(argv, check=False)
-            except BatchSystemError as exc:
-                log.info("qstat for usage failed: %s", exc)
-                return {}
-            if _HISTORY_DISABLED in err and self._history:
-                self._history = False
-                continue
-            records = parse_qstat_text(out)
-            return {jid: accounting(jid, records[jid]) for jid in ids if jid in records}
-        return {}
+        """Usage records of these jobs in ONE `qstat -x -f ID...` per IDS_PER_CALL jobs
+        (text: several ids work in text on every version, not in JSON, see the module
+        docstring); without job history, `qstat -f ID...` (finished jobs are then unknown).
+        Unknown ids are left out. A failing qstat (the server unreachable) ends the query:
+        what earlier calls found is returned, and with nothing found BatchSystemError is
+        raised (the collector counts the failure and asks again; not "no record")."""
+        found: dict[str, JobAccounting] = {}
+        for batch in id_batches([j.job_id for j in jobs]):
+            for _ in range(2):
+                argv = ["qstat", *(["-x"] if self._history else []), "-f", *batch]
+                try:
+                    rc, out, err = await self.runner.run(argv, check=False)
+                except BatchSystemError as exc:
+                    rc, out, err = 1, "", str(exc)
+                if _HISTORY_DISABLED in err and self._history:
+                    self._history = False
+                    continue
+                records = parse_qstat_text(out)
+                if rc != 0 and not records and not _UNKNOWN_JOB.search(err):
+                    if not found:
+                        raise BatchSystemError(f"qstat for usage failed: {err.strip()}")
+                    log.info("qstat for usage failed part-way: %s", err.strip())
+                    return found
+                found.update((jid, accounting(jid, records[jid])) for jid in batch
+                             if jid in records)
+                break
+        return found
 
     async def cancel(self, job_ids: Sequence[str]) -> None:
         if not job_ids:

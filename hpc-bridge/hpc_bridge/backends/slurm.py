@@ -18,7 +18,7 @@ from ..model import (
     ObservedJob,
     expand_ranges,
 )
-from .base import BatchSystemError, CommandRunner, with_departed
+from .base import BatchSystemError, CommandRunner, id_batches, with_departed
 
 log = logging.getLogger(__name__)
 
@@ -269,38 +269,63 @@ class SlurmBackend:
 
     async def _sacct(self, options: list[str],
                      ids: Callable[[bool], list[str]]) -> tuple[str, bool] | None:
-        """One sacct call: (its output, whether it read the job completion log), or None
-        when sacct cannot be used here. `ids(completion)` gives the --jobs list.
+        """sacct for some jobs: (its output, whether it read the job completion log), or None
+        when sacct cannot be used here. `ids(completion)` gives the jobs to ask for,
+        IDS_PER_CALL per call (an output is kept where only a later call fails).
 
         Sites without slurmdbd answer "accounting storage is disabled"; then the job
-        completion log (`sacct -c`, JobCompType=jobcomp/filetxt) is tried; which one works is
-        remembered, and a site where neither does is not asked again.
+        completion log (`sacct -c`, JobCompType=jobcomp/filetxt) is tried, and which one
+        works is remembered. Only a definite answer stops the asking for good: the
+        completion log is disabled too, or there is no sacct. Any other failure (a timeout,
+        slurmdbd restarting: "Problem talking to the database") is this time's:
+        BatchSystemError, and the next call asks again.
         """
         while self._sacct_mode is not None:
             completion = bool(self._sacct_mode)
             asked = ids(completion)
             if not asked:
                 return "", completion
-            try:
-                rc, out, err = await self.runner.run(
-                    ["sacct", *self._sacct_mode, "--noheader", "--parsable2", *options,
-                     "--jobs=" + ",".join(asked)], check=False)
-            except BatchSystemError as exc:  # not installed, or slurmdbd hangs: squeue works
-                rc, out, err = 1, "", str(exc)
-            if rc == 0:
-                return out, completion
-            if "accounting storage is disabled" in err.lower() and not self._sacct_mode:
-                self._sacct_mode = ["--completion"]
+            outputs: list[str] = []
+            for batch in id_batches(asked):
+                rc, out, err, missing = await self._sacct_call(options, batch)
+                if rc != 0:
+                    break
+                outputs.append(out)
             else:
+                return "".join(outputs), completion
+            if outputs:  # a later call failed: what the earlier ones said still holds
+                log.warning("sacct failed part-way, asking again next time: %s", err.strip())
+                return "".join(outputs), completion
+            said = err.lower()
+            if "accounting storage is disabled" in said and not self._sacct_mode:
+                self._sacct_mode = ["--completion"]
+            elif missing or "job completion is disabled" in said:
                 log.info("sacct unusable, jobs that leave squeue are GONE and usage is "
                          "counted from requests: %s", err.strip())
                 self._sacct_mode = None
+            else:
+                raise BatchSystemError(f"sacct failed, asking again next time: {err.strip()}")
         return None
+
+    async def _sacct_call(self, options: list[str], ids: list[str]
+                          ) -> tuple[int, str, str, bool]:
+        """One sacct command: (exit status, output, error, whether sacct is missing)."""
+        try:
+            rc, out, err = await self.runner.run(
+                ["sacct", *(self._sacct_mode or []), "--noheader", "--parsable2", *options,
+                 "--jobs=" + ",".join(ids)], check=False)
+        except BatchSystemError as exc:  # not installed, or slurmdbd hangs: squeue works
+            return 1, "", str(exc), isinstance(exc.__cause__, FileNotFoundError)
+        return rc, out, err, rc == 127 and "not found" in err.lower()  # ssh: no sacct there
 
     async def _departed(self, job_ids: list[str]) -> list[ObservedJob]:
         """Jobs squeue no longer shows, asked of sacct in one call (failing that, GONE with
         no exit code)."""
-        answer = await self._sacct([f"--format={SACCT_FIELDS}"], lambda _: job_ids)
+        try:
+            answer = await self._sacct([f"--format={SACCT_FIELDS}"], lambda _: job_ids)
+        except BatchSystemError as exc:
+            log.warning("%s: jobs %s that left squeue are GONE", exc, ",".join(job_ids[:10]))
+            answer = None
         found = parse_sacct(answer[0], self._offset) if answer else {}
         result = []
         for job_id in job_ids:
@@ -318,12 +343,14 @@ class SlurmBackend:
         return result
 
     async def usage(self, jobs: Sequence[ObservedJob]) -> dict[str, JobAccounting]:
-        """Accounting records of these jobs, in ONE sacct call (keyed by our job ids).
+        """Accounting records of these jobs, in ONE sacct call per IDS_PER_CALL jobs
+        (keyed by our job ids).
 
         The completion log knows a job only by its own id: an array task `123_4` is asked
         for by the id squeue showed for it while it ran (%A, `extra["raw_job_id"]`); a task
         never seen running cannot be found there and gets no record (its usage is then
-        counted from the poll and the request). Jobs sacct does not know are left out."""
+        counted from the poll and the request). Jobs sacct does not know are left out; a
+        passing failure raises BatchSystemError (the collector counts it, asks again)."""
         def wanted(completion: bool) -> dict[str, str]:
             out = {}
             for job in jobs:

@@ -104,10 +104,20 @@ class PerformanceReportPlugin(SchedulerPlugin):
 
     def update_graph(self, scheduler: Scheduler, **kwargs: Any) -> None:
         """Remember the system monitor's position when a computation begins: its report
-        shows CPU, memory and network from there on."""
+        shows CPU, memory and network from there on. Only while reports are still written,
+        and only for computations distributed still keeps (its last 100): the others can
+        never be reported, and a long-lived scheduler serves many graphs."""
+        if len(self.written) >= self.max_reports:
+            self.monitor_counts.clear()
+            return
         if scheduler.computations:
             cid = str(scheduler.computations[-1].id)
             self.monitor_counts.setdefault(cid, int(scheduler.monitor.count))
+            if len(self.monitor_counts) + len(self.reported) > len(scheduler.computations):
+                kept = {str(c.id) for c in scheduler.computations}
+                self.monitor_counts = {k: v for k, v in self.monitor_counts.items()
+                                       if k in kept}
+                self.reported &= kept
 
     def due(self) -> list[Any]:
         """Computations with tasks, none of them left to run, not reported yet."""
